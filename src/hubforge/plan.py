@@ -1,0 +1,243 @@
+"""What a run of a recipe would do, and what it would cost, computed offline.
+
+    hubforge plan recipes/gemma-3-270m/persian-chat-lora.yaml --format markdown
+
+The markdown form is the comment CI posts on a recipe pull request. Parameter counts come from the base's
+config (the local checkpoint when it is on disk, else `base.KNOWN_BASES`); memory is an estimate for one GPU
+(weights + trainable state + activations + logits) with the formula's parts shown, not a measurement.
+"""
+from __future__ import annotations
+
+import json
+
+from hubforge.base import KNOWN_BASES, embedded_dir
+from hubforge.pipeline import STAGES
+from hubforge.recipe import Recipe
+
+# Nominal bits per weight of llama.cpp types (mixed K-quants are averages over a typical model).
+GGUF_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54, "Q5_0": 5.5,
+             "Q5_1": 6.0, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.27, "Q3_K_M": 3.91,
+             "Q3_K_S": 3.5, "Q2_K": 3.35, "IQ4_NL": 4.5, "TQ1_0": 1.69, "TQ2_0": 2.06}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def architecture(recipe: Recipe) -> dict | None:
+    """Config dimensions of the base: from a local config.json when present, else the known-bases table."""
+    model = recipe.base.model
+    config_path = None
+    if model.startswith("embedded:"):
+        config_path = embedded_dir() / "config.json"
+    elif model.startswith((".", "/")):
+        config_path = recipe.local_path(model) / "config.json"
+    if config_path is not None and config_path.is_file():
+        c = json.loads(config_path.read_text("utf-8"))
+        c = c.get("text_config", c)
+        heads = c["num_attention_heads"]
+        return {"vocab": c["vocab_size"], "hidden": c["hidden_size"], "layers": c["num_hidden_layers"],
+                "intermediate": c["intermediate_size"], "heads": heads, "kv_heads": c.get("num_key_value_heads", heads),
+                "head_dim": c.get("head_dim") or c["hidden_size"] // heads, "tied": c.get("tie_word_embeddings", True),
+                "source": str(config_path)}
+    facts = KNOWN_BASES.get(model)
+    return dict(facts, source="hubforge.base.KNOWN_BASES") if facts else None
+
+
+def module_shapes(a: dict) -> dict[str, tuple[int, int]]:
+    q, kv = a["heads"] * a["head_dim"], a["kv_heads"] * a["head_dim"]
+    h, i = a["hidden"], a["intermediate"]
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def parameter_counts(recipe: Recipe, a: dict) -> dict:
+    shapes = module_shapes(a)
+    per_layer = sum(i * o for i, o in shapes.values())
+    embed = a["vocab"] * a["hidden"]
+    total = a.get("params") or (embed + a["layers"] * per_layer + (0 if a["tied"] else embed) + a.get("extra_params", 0))
+    m = recipe.method
+    if m.lora:
+        trainable = a["layers"] * sum(m.lora.r * (shapes[t][0] + shapes[t][1]) for t in m.lora.target_modules if t in shapes)
+    elif m.prompt_tuning:
+        trainable = m.prompt_tuning.num_virtual_tokens * a["hidden"]
+    elif m.p_tuning:
+        h, e = a["hidden"], m.p_tuning.encoder_hidden_size
+        trainable = m.p_tuning.num_virtual_tokens * h + (h * e + e * e + e * h + 2 * e + h)
+    elif m.full and m.full.trainable_modules:
+        mods = set(m.full.trainable_modules)
+        trainable = (embed if "embed_tokens" in mods else 0) + (embed if "lm_head" in mods and not a["tied"] else 0)
+        trainable += a["layers"] * sum(i * o for name, (i, o) in shapes.items() if name in mods)
+    else:
+        trainable = total
+    return {"total": int(total), "trainable": int(trainable), "trainable_pct": round(100 * trainable / total, 3)}
+
+
+def memory_estimate(recipe: Recipe, a: dict, params: dict) -> dict:
+    """GiB for one GPU; parts shown so a reviewer can check the arithmetic."""
+    t, m = recipe.train, recipe.method
+    act_bytes = DTYPE_BYTES[t.precision]
+    embed = a["vocab"] * a["hidden"]
+    if m.name == "qlora":  # bitsandbytes keeps embeddings/lm_head in 16-bit; NF4 + double-quant ≈ 4.13 bits
+        weights = embed * 2 + (params["total"] - embed) * 4.13 / 8
+    else:
+        weights = params["total"] * DTYPE_BYTES[recipe.base.dtype if t.precision == "fp32" else t.precision]
+    optimizer_state = 2 if "8bit" in t.optimizer else 8
+    trainable_state = params["trainable"] * (4 + 4 + optimizer_state)
+    tokens = t.batch_size * t.max_length
+    per_layer = tokens * a["hidden"] * (2 if t.gradient_checkpointing else 34) * act_bytes / 2
+    activations = a["layers"] * per_layer + (tokens * a["hidden"] * 34 * act_bytes / 2 if t.gradient_checkpointing else 0)
+    logits = tokens * a["vocab"] * 4 * 2  # fp32 logits and their gradient
+    gib = lambda b: round(b / 2**30, 2)  # noqa: E731
+    parts = {"weights": gib(weights), "trainable_state": gib(trainable_state), "activations": gib(activations), "logits": gib(logits)}
+    return {"total_gib": round(sum(parts.values()) * 1.1, 2), "parts_gib": parts, "overhead": "x1.1 for allocator/workspace"}
+
+
+def disk_estimate(recipe: Recipe, params: dict) -> dict:
+    mb = lambda b: round(b / 1e6, 1)  # noqa: E731
+    out = {"adapter_mb": mb(params["trainable"] * 4) if recipe.method.is_adapter else 0.0}
+    checkpoint = params["trainable"] * 4 * 3
+    out["checkpoints_mb"] = mb(checkpoint * recipe.train.save_total_limit)
+    mergeable = recipe.method.is_mergeable and recipe.export.merge
+    out["merged_mb"] = mb(params["total"] * DTYPE_BYTES[recipe.export.merge_dtype]) if mergeable else 0.0
+    gg = recipe.export.gguf
+    out["gguf_mb"] = {t: mb(params["total"] * GGUF_BITS[t] / 8) for t in gguf_types(recipe)} if mergeable and gg.enabled else {}
+    out["total_mb"] = round(out["adapter_mb"] + out["checkpoints_mb"] + out["merged_mb"] + sum(out["gguf_mb"].values()), 1)
+    return out
+
+
+def gguf_types(recipe: Recipe) -> list[str]:
+    return [recipe.export.gguf.outtype] + list(recipe.export.gguf.quants)
+
+
+def gguf_files(recipe: Recipe) -> list[str]:
+    if not (recipe.method.is_mergeable and recipe.export.merge and recipe.export.gguf.enabled):
+        return []
+    files = [f"{recipe.name}-{t}.gguf" for t in gguf_types(recipe)]
+    return files + ([f"{recipe.name}-LoRA-F16.gguf"] if recipe.export.gguf.lora else [])
+
+
+def token_estimate(recipe: Recipe) -> dict:
+    if not recipe.data.files:
+        return {"tokens": None, "how": f"dataset {recipe.data.hub} is not on this machine; counted by the data stage"}
+    rows, chars = 0, 0
+    for rel in recipe.data.files:
+        path = recipe.local_path(rel)
+        if path.suffix in (".jsonl", ".json"):
+            lines = path.read_text("utf-8").splitlines() if path.suffix == ".jsonl" else [json.dumps(r) for r in json.loads(path.read_text("utf-8"))]
+            for line in filter(str.strip, lines):
+                rows += 1
+                chars += len(_text_of(json.loads(line)))
+        else:
+            return {"tokens": None, "how": f"{rel}: token counts for {path.suffix} files come from the data stage"}
+    used = rows * (1 - recipe.data.eval_fraction) * recipe.data.fraction
+    if recipe.data.max_samples:
+        used = min(used, recipe.data.max_samples)
+    per_row = chars / max(rows, 1) / 3.0  # ≈3 characters per token for Gemma's vocabulary on mixed Persian/English
+    epochs = recipe.train.epochs
+    steps = recipe.train.max_steps
+    per_epoch = used * per_row
+    total = steps * recipe.train.batch_size * recipe.train.grad_accum * per_row if steps else per_epoch * epochs
+    return {"tokens": int(total), "rows": int(used), "how": "characters / 3 (estimate; the data stage counts exactly)"}
+
+
+def _text_of(row) -> str:
+    if isinstance(row, dict):
+        return " ".join(_text_of(v) for v in row.values())
+    if isinstance(row, list):
+        return " ".join(_text_of(v) for v in row)
+    return str(row)
+
+
+def build_plan(recipe: Recipe) -> dict:
+    a = architecture(recipe)
+    params = parameter_counts(recipe, a) if a else None
+    m = recipe.method
+    mergeable = m.is_mergeable and recipe.export.merge
+    repos = {"adapter": recipe.publish.adapter_repo if m.is_adapter else None,
+             "merged": recipe.publish.merged_repo if mergeable else None,
+             "gguf": recipe.publish.gguf_repo if gguf_files(recipe) else None}
+    return {
+        "recipe": {"name": recipe.name, "source": recipe.source, "sha256": recipe.sha256},
+        "base": {"model": recipe.base.model, "revision": recipe.base.revision,
+                 "license": recipe.base.license or (KNOWN_BASES.get(recipe.base.model) or {}).get("license")},
+        "data": {"source": recipe.data.hub or list(recipe.data.files), "revision": recipe.data.revision, "format": recipe.data.format},
+        "method": {"name": m.name, **{k: v for k, v in _section(m).items() if k != "name"}},
+        "stages": [{"name": s.name, "applies": _applies(s.name, recipe), "summary": s.summary} for s in STAGES],
+        "repos": repos,
+        "space": recipe.space.id if recipe.space.enabled else None,
+        "gguf_files": gguf_files(recipe),
+        "warnings": warnings(recipe),
+        "estimates": {
+            "architecture_source": a["source"] if a else None,
+            "parameters": params,
+            "gpu_memory": memory_estimate(recipe, a, params) if a else None,
+            "disk": disk_estimate(recipe, params) if params else None,
+            "train_tokens": token_estimate(recipe),
+        },
+    }
+
+
+def warnings(recipe: Recipe) -> list[str]:
+    """Things a reviewer should see before approving; none of them stops a run."""
+    out = []
+    for what, rev, used in (("base.revision", recipe.base.revision, not recipe.base.model.startswith(("embedded:", ".", "/"))),
+                            ("data.revision", recipe.data.revision, bool(recipe.data.hub))):
+        if used and not (rev and len(rev) == 40 and all(c in "0123456789abcdef" for c in rev)):
+            out.append(f"{what} is {rev or 'unset'!r}, not a 40-hex commit: the run is reproducible only while that branch does not move")
+    if recipe.method.name == "qlora":
+        out.append("qlora needs bitsandbytes 4-bit kernels (CUDA runner recommended; CPU works but is slow)")
+    return out
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _section(obj) -> dict:
+    from hubforge.recipe import _plain
+
+    return {k: v for k, v in _plain(obj).items() if v is not None}
+
+
+def _applies(stage: str, recipe: Recipe) -> bool:
+    if stage in ("merge", "gguf"):
+        return recipe.method.is_mergeable and recipe.export.merge and (stage == "merge" or recipe.export.gguf.enabled)
+    if stage == "space":
+        return recipe.space.enabled
+    return True
+
+
+def render(plan: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(plan, indent=2, ensure_ascii=False)
+    est, p = plan["estimates"], plan["estimates"]["parameters"]
+    mem, disk, tok = est["gpu_memory"], est["disk"], est["train_tokens"]
+    method = ", ".join(f"{k}={_short(v)}" for section, values in plan["method"].items() if section != "name"
+                       for k, v in values.items() if v not in (None, [], ""))
+    rows = [
+        ("Recipe", f"{plan['recipe']['name']} (`{plan['recipe']['source']}`, sha256 {plan['recipe']['sha256'][:12]})"),
+        ("Base", f"{plan['base']['model']}" + (f" @ {plan['base']['revision']}" if plan["base"]["revision"] else "") + f" — licence {plan['base']['license'] or 'unknown'}"),
+        ("Data", f"{plan['data']['source']} ({plan['data']['format']})" + (f" @ {plan['data']['revision']}" if plan["data"]["revision"] else "")),
+        ("Method", f"{plan['method']['name']}: {method}"),
+        ("Stages", " → ".join(s["name"] if s["applies"] else f"~~{s['name']}~~ (n/a)" for s in plan["stages"])),
+        ("Adapter repo", plan["repos"]["adapter"] or "—"),
+        ("Merged repo", plan["repos"]["merged"] or "—"),
+        ("GGUF repo", plan["repos"]["gguf"] or "—"),
+        ("GGUF files", ", ".join(plan["gguf_files"]) or "—"),
+        ("Space", plan["space"] or "—"),
+        ("Parameters", f"{p['total']:,} total, {p['trainable']:,} trainable ({p['trainable_pct']} %)" if p else "unknown base architecture"),
+        ("GPU memory (est.)", f"≈ {mem['total_gib']} GiB = " + " + ".join(f"{k} {v}" for k, v in mem["parts_gib"].items()) + " GiB, ×1.1" if mem else "—"),
+        ("Disk (est.)", f"≈ {disk['total_mb']:,} MB (adapter {disk['adapter_mb']}, checkpoints {disk['checkpoints_mb']}, merged {disk['merged_mb']}, GGUF {sum(disk['gguf_mb'].values()):.1f})" if disk else "—"),
+        ("Train tokens", f"≈ {tok['tokens']:,} over {tok['rows']} rows ({tok['how']})" if tok.get("tokens") else tok["how"]),
+    ]
+    rows += [("Warning", w) for w in plan["warnings"]]
+    if fmt == "markdown":
+        lines = [f"### hubforge plan: `{plan['recipe']['name']}`", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in rows]
+        return "\n".join(lines) + "\n"
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v.replace('~~', '')}" for k, v in rows) + "\n"
+
+
+def plan_text(recipe: Recipe, fmt: str = "text") -> str:
+    return render(build_plan(recipe), fmt)

@@ -1,0 +1,604 @@
+"""Recipes: load a YAML file, apply `--set` overrides, validate, fill defaults, return a typed `Recipe`.
+
+The JSON Schema in `schema/recipe.schema.json` is the single source of truth for fields, types, ranges and
+defaults; the frozen dataclasses below mirror it (a unit test keeps the two in step) so that stages get
+attribute access and type checkers see typos. Precedence: schema defaults < YAML < `--set a.b=c`.
+
+    from hubforge.recipe import load_recipe
+    recipe = load_recipe("recipes/gemma-3-270m/persian-chat-lora.yaml", overrides=["train.max_steps=5"])
+
+Every problem in a file is reported at once, each as `file:line:col: json.path: message`, in one
+`RecipeError` (the CLI prints it and exits 1).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+EMBEDDED_BASES = ("embedded:gemma-3-270m",)
+METHOD_SECTIONS = {"lora": ("lora", "qlora"), "quantization": ("qlora",), "prompt_tuning": ("prompt_tuning",),
+                   "p_tuning": ("p_tuning",), "full": ("full",)}
+ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "p_tuning")
+MERGEABLE_METHODS = ("lora", "qlora", "full")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; `problems` holds one `file:line:col: path: message` line each."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
+
+
+# ---------------------------------------------------------------- typed recipe (mirrors the schema)
+@dataclass(frozen=True)
+class Base:
+    model: str
+    revision: str | None
+    dtype: str
+    chat_template: str
+    license: str | None
+
+
+@dataclass(frozen=True)
+class Data:
+    format: str
+    split: str
+    eval_split: str | None
+    eval_fraction: float
+    columns: dict
+    fraction: float
+    max_samples: int | None
+    system_prompt: str | None
+    no_answer_text: str
+    too_long: str
+    revision: str | None
+    subset: str | None
+    hub: str | None = None
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Lora:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    bias: str
+    use_rslora: bool
+    modules_to_save: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Quantization:
+    quant_type: str
+    compute_dtype: str
+    double_quant: bool
+
+
+@dataclass(frozen=True)
+class PromptTuning:
+    num_virtual_tokens: int
+    init_text: str | None
+
+
+@dataclass(frozen=True)
+class PTuning:
+    num_virtual_tokens: int
+    encoder_hidden_size: int
+    encoder_type: str
+
+
+@dataclass(frozen=True)
+class Full:
+    trainable_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    lora: Lora | None = None
+    quantization: Quantization | None = None
+    prompt_tuning: PromptTuning | None = None
+    p_tuning: PTuning | None = None
+    full: Full | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.name in ADAPTER_METHODS
+
+    @property
+    def is_mergeable(self) -> bool:
+        return self.name in MERGEABLE_METHODS
+
+
+@dataclass(frozen=True)
+class Train:
+    learning_rate: float
+    epochs: float
+    max_steps: int | None
+    batch_size: int
+    grad_accum: int
+    max_length: int
+    packing: bool
+    padding_free: bool
+    assistant_only_loss: bool
+    optimizer: str
+    scheduler: str
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    precision: str
+    gradient_checkpointing: bool
+    seed: int
+    save_steps: int
+    save_total_limit: int
+    eval_steps: int | None
+    logging_steps: int
+
+
+@dataclass(frozen=True)
+class LmEval:
+    tasks: tuple[str, ...]
+    num_fewshot: int
+    limit: int | None
+    include_path: str | None
+
+
+@dataclass(frozen=True)
+class Eval:
+    perplexity: bool
+    max_samples: int
+    batch_size: int
+    qa: bool
+    max_new_tokens: int
+    prompts: tuple[str, ...]
+    lm_eval: LmEval
+
+
+@dataclass(frozen=True)
+class Gguf:
+    enabled: bool
+    outtype: str
+    quants: tuple[str, ...]
+    lora: bool
+
+
+@dataclass(frozen=True)
+class Export:
+    merge: bool
+    merge_dtype: str
+    merge_into: str
+    merge_max_abs_logit_diff: float
+    gguf: Gguf
+
+
+@dataclass(frozen=True)
+class Card:
+    license: str | None
+    languages: tuple[str, ...]
+    tags: tuple[str, ...]
+    description: str
+    intended_use: str
+    limitations: str
+    citation: str | None
+    author: str | None
+
+
+@dataclass(frozen=True)
+class Publish:
+    namespace: str
+    adapter_repo: str
+    merged_repo: str
+    gguf_repo: str
+    private: bool
+
+
+@dataclass(frozen=True)
+class Space:
+    enabled: bool
+    id: str
+    hardware: str
+    title: str
+    emoji: str
+    backend: str
+    gguf_file: str
+    system_prompt: str | None
+    examples: tuple[str, ...]
+    rtl: bool
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    base: Base
+    data: Data
+    method: Method
+    train: Train
+    eval: Eval
+    export: Export
+    card: Card
+    publish: Publish
+    space: Space
+    # Not part of the schema: where the recipe came from, and the root that local paths are relative to.
+    source: str = field(default="<memory>", compare=False)
+    root: Path = field(default=Path("."), compare=False)
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (what `recipe.resolved.yaml` holds and what is hashed)."""
+        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "root")})
+
+    @property
+    def sha256(self) -> str:
+        return recipe_hash(self.to_dict())
+
+    def section_hash(self, *sections: str) -> str:
+        plain = self.to_dict()
+        return recipe_hash({s: plain.get(s) for s in sections})
+
+    def local_path(self, relative: str) -> Path:
+        return (self.root / relative).resolve()
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        # Fields with a dataclass default are the optional ones (data.hub/files, method subsections): omit when unset.
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.default is dataclasses.MISSING or getattr(value, f.name) != f.default}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def recipe_hash(plain: dict) -> str:
+    canonical = json.dumps(plain, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- YAML with positions
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and reads `2e-5` as a float (YAML 1.1 would make it a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.nan)$", re.X),
+    list("-+0123456789."),
+)
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first at line {seen[key]})", mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _position(root_node: yaml.Node | None, path: list) -> str:
+    """`line:col` of the deepest YAML node on `path` (1-based), or '' when the node is unknown."""
+    node, best = root_node, root_node
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+        if node is None:
+            break
+        best = node
+    return f"{best.start_mark.line + 1}:{best.start_mark.column + 1}" if best is not None else ""
+
+
+def json_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+# ---------------------------------------------------------------- schema, defaults, overrides
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads(resources.files("hubforge").joinpath("schema/recipe.schema.json").read_text("utf-8"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.learning_rate=1e-4` -> (['train', 'learning_rate'], 0.0001); the value is read as YAML."""
+    if "=" not in text:
+        raise RecipeError("--set", [f"--set {text!r}: expected section.key=value"])
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError("--set", [f"--set {text!r}: empty key part in {key!r}"])
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError("--set", [f"--set {text!r}: value is not valid YAML ({exc.problem})"]) from None
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def _fill_defaults(value: Any, node_schema: dict) -> Any:
+    if not isinstance(value, dict) or node_schema.get("type") != "object":
+        return value
+    out = dict(value)
+    for key, prop in node_schema.get("properties", {}).items():
+        if key not in out and "default" in prop:
+            out[key] = copy.deepcopy(prop["default"])
+        if key in out:
+            out[key] = _fill_defaults(out[key], prop)
+    return out
+
+
+def _schema_problems(data: Any, where) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema())
+    problems = []
+    for err in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
+        path = list(err.absolute_path)
+        message = err.message
+        if err.validator == "additionalProperties":
+            allowed = list(err.schema.get("properties", {}))
+            extras = [k for k in err.instance if k not in allowed]
+            for extra in extras:
+                hint = difflib.get_close_matches(str(extra), allowed, n=1)
+                tip = f"; did you mean {hint[0]!r}?" if hint else f"; allowed: {', '.join(allowed)}"
+                problems.append(where(path + [extra], f"unknown key {extra!r}{tip}"))
+            continue
+        if err.validator == "required":
+            message = f"missing required field {err.message.split(' is a required')[0]}"
+        elif err.validator == "pattern" and "x-hint" in err.schema:
+            message = f"{err.instance!r} is not allowed: {err.schema['x-hint']}"
+        elif err.validator == "enum":
+            message = f"{err.instance!r} is not one of {', '.join(map(str, err.validator_value))}"
+        problems.append(where(path, message))
+    return problems
+
+
+def _semantic_problems(data: dict, root: Path, where) -> list[str]:
+    """Rules JSON Schema expresses badly: cross-field consistency, paths, repo ids, refused options."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    problems = []
+    base, dat, method = data.get("base", {}), data.get("data", {}), data.get("method", {})
+    name = method.get("name")
+    for section, owners in METHOD_SECTIONS.items():
+        if section in method and name in ("qlora", "lora", "prompt_tuning", "p_tuning", "full") and name not in owners:
+            problems.append(where(["method", section], f"parameters for {' / '.join(owners)} do not belong to method {name!r}; remove them or change method.name"))
+    if ("hub" in dat) == ("files" in dat):
+        problems.append(where(["data"], "give exactly one of data.hub (a Hub dataset id) or data.files (local files)"))
+    for i, rel in enumerate(dat.get("files") or []):
+        if isinstance(rel, str) and not _inside(root, rel):
+            problems.append(where(["data", "files", i], f"{rel!r} is outside the repository ({root}); local data must live inside it"))
+        elif isinstance(rel, str) and not (root / rel).is_file():
+            problems.append(where(["data", "files", i], f"{rel!r} does not exist under {root}"))
+    if "files" in dat and (dat.get("revision") or dat.get("subset")):
+        problems.append(where(["data", "revision"], "revision/subset apply only to data.hub"))
+    model = base.get("model")
+    if isinstance(model, str):
+        if model.startswith("embedded:"):
+            if model not in EMBEDDED_BASES:
+                problems.append(where(["base", "model"], f"unknown embedded base {model!r}; known: {', '.join(EMBEDDED_BASES)}"))
+        elif model.startswith((".", "/")):
+            if not _inside(root, model):
+                problems.append(where(["base", "model"], f"{model!r} is outside the repository ({root})"))
+        else:
+            try:
+                validate_repo_id(model)
+            except HFValidationError as exc:
+                problems.append(where(["base", "model"], f"not a Hub repo id, local path (./...) or embedded:...: {exc}"))
+    if "hub" in dat and isinstance(dat["hub"], str):
+        try:
+            validate_repo_id(dat["hub"])
+        except HFValidationError as exc:
+            problems.append(where(["data", "hub"], str(exc)))
+    fmt = dat.get("format")
+    train, ev, export = data.get("train", {}), data.get("eval", {}), data.get("export", {})
+    if ev.get("qa") and fmt != "squad":
+        problems.append(where(["eval", "qa"], f"QA metrics (EM/F1) need data.format: squad, not {fmt!r}"))
+    if train.get("assistant_only_loss") and fmt == "text":
+        problems.append(where(["train", "assistant_only_loss"], "plain-text data has no assistant turns; set it to false"))
+    if export.get("merge_into", "auto") != "auto" and name != "qlora":
+        problems.append(where(["export", "merge_into"], "only QLoRA adapters have a choice of merge target; remove it"))
+    if (export.get("gguf") or {}).get("lora") and name not in ("lora", "qlora"):
+        problems.append(where(["export", "gguf", "lora"], f"llama.cpp GGUF adapters exist only for LoRA/QLoRA, not {name!r}"))
+    ns = (data.get("publish") or {}).get("namespace", "hubforge")
+    for section, key in (("publish", "adapter_repo"), ("publish", "merged_repo"), ("publish", "gguf_repo"), ("space", "id")):
+        repo = (data.get(section) or {}).get(key)
+        if isinstance(repo, str):
+            try:
+                validate_repo_id(repo if "/" in repo else f"{ns}/{repo}")
+            except HFValidationError as exc:
+                problems.append(where([section, key], str(exc)))
+    if isinstance(ns, str):
+        try:
+            validate_repo_id(f"{ns}/x")
+        except HFValidationError:
+            problems.append(where(["publish", "namespace"], f"{ns!r} is not a valid Hub user or organisation name"))
+    return problems
+
+
+def _inside(root: Path, rel: str) -> bool:
+    try:
+        (root / rel).resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _find_trust_remote_code(value: Any, path: list) -> list[list]:
+    hits = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            hits += [path + [k]] if k == "trust_remote_code" else _find_trust_remote_code(v, path + [k])
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            hits += _find_trust_remote_code(v, path + [i])
+    return hits
+
+
+def _derive(data: dict) -> dict:
+    """Fill the values whose defaults depend on other fields, so the resolved recipe shows what runs."""
+    ns, name = data["publish"]["namespace"], data["name"]
+    pub = data["publish"]
+    suffix = {"lora": "lora", "qlora": "lora", "prompt_tuning": "prompt-tuning", "p_tuning": "p-tuning"}.get(data["method"]["name"], "adapter")
+    pub["adapter_repo"] = _qualify(pub["adapter_repo"] or f"{name}-{suffix}", ns)
+    pub["merged_repo"] = _qualify(pub["merged_repo"] or name, ns)
+    pub["gguf_repo"] = _qualify(pub["gguf_repo"] or f"{name}-GGUF", ns)
+    space = data["space"]
+    space["id"] = _qualify(space["id"] or f"{name}-demo", ns)
+    space["title"] = space["title"] or name
+    if space["rtl"] is None:
+        space["rtl"] = any(lang in ("fa", "ar", "he", "ur", "ps", "ckb", "yi") for lang in data["card"]["languages"])
+    if not data["eval"]["prompts"]:
+        data["eval"]["prompts"] = list(space["examples"])
+    method = data["method"]
+    for section, owners in METHOD_SECTIONS.items():
+        if method["name"] in owners:
+            method[section] = _fill_defaults(method.get(section, {}), schema()["properties"]["method"]["properties"][section])
+    return data
+
+
+def _qualify(repo: str, namespace: str) -> str:
+    return repo if "/" in repo else f"{namespace}/{repo}"
+
+
+def project_root(recipe_path: Path) -> Path:
+    """The repository that a recipe's local paths are relative to: the nearest folder with `.git` or `pyproject.toml`."""
+    for folder in recipe_path.resolve().parents:
+        if (folder / ".git").exists() or (folder / "pyproject.toml").exists():
+            return folder
+    return recipe_path.resolve().parent
+
+
+def resolve(raw: Any, *, source: str = "<memory>", root: Path | None = None, overrides: list[str] = (),
+            yaml_node: yaml.Node | None = None) -> Recipe:
+    """Validate raw recipe data (+ overrides) and return the resolved, typed recipe; raise RecipeError listing all problems."""
+    root = (root or Path.cwd()).resolve()
+
+    def where(path, message):
+        pos = _position(yaml_node, path)
+        return f"{source}:{pos}: {json_path(path)}: {message}" if pos else f"{source}: {json_path(path)}: {message}"
+
+    if not isinstance(raw, dict):
+        kind = "empty" if raw is None else f"a {type(raw).__name__}"
+        raise RecipeError(source, [f"{source}: the recipe is {kind}; it must be a YAML mapping with at least name, base, data and method"])
+    data = apply_overrides(raw, list(overrides))
+    refused = _find_trust_remote_code(data, [])
+    problems = [where(p, "trust_remote_code is refused: hubforge never runs code shipped inside a model repo") for p in refused]
+    for path in refused:  # reported once, not again as an unknown key
+        node = data
+        for part in path[:-1]:
+            node = node[part]
+        node.pop(path[-1])
+    problems += _schema_problems(data, where)
+    if not problems:
+        problems += _semantic_problems(data, root, where)
+    if problems:
+        raise RecipeError(source, problems)
+    resolved = _derive(_fill_defaults(data, schema()))
+    if resolved["data"]["format"] == "text" and "assistant_only_loss" not in (raw.get("train") or {}):
+        resolved["train"]["assistant_only_loss"] = False
+    return _typed(resolved, source, root)
+
+
+def _typed(d: dict, source: str, root: Path) -> Recipe:
+    def build(cls, values):
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                v = values[f.name]
+                kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+        return cls(**kwargs)
+
+    m = d["method"]
+    method = Method(
+        name=m["name"],
+        lora=build(Lora, m["lora"]) if "lora" in m else None,
+        quantization=build(Quantization, m["quantization"]) if "quantization" in m else None,
+        prompt_tuning=build(PromptTuning, m["prompt_tuning"]) if "prompt_tuning" in m else None,
+        p_tuning=build(PTuning, m["p_tuning"]) if "p_tuning" in m else None,
+        full=build(Full, m["full"]) if "full" in m else None,
+    )
+    ev = dict(d["eval"], lm_eval=build(LmEval, d["eval"]["lm_eval"]))
+    export = dict(d["export"], gguf=build(Gguf, d["export"]["gguf"]))
+    return Recipe(
+        name=d["name"], base=build(Base, d["base"]), data=build(Data, d["data"]), method=method,
+        train=build(Train, d["train"]), eval=build(Eval, ev), export=build(Export, export),
+        card=build(Card, d["card"]), publish=build(Publish, d["publish"]), space=build(Space, d["space"]),
+        source=source, root=root,
+    )
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), root: Path | None = None) -> Recipe:
+    """Read and resolve one recipe file. Raises RecipeError with every problem found (file:line:col: path: message)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(source, [f"{source}: cannot read: {exc.strerror}"]) from None
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = blob[: exc.start].count(b"\n") + 1
+        raise RecipeError(source, [f"{source}:{line}: not UTF-8 (byte 0x{blob[exc.start]:02x} at offset {exc.start}); save the file as UTF-8"]) from None
+    if not text.strip():
+        raise RecipeError(source, [f"{source}: the file is empty; a recipe is a YAML mapping with at least name, base, data and method"])
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        pos = f"{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise RecipeError(source, [f"{source}:{pos}: malformed YAML: {exc.problem or exc.context}"]) from None
+    return resolve(raw, source=source, root=root or project_root(path), overrides=overrides, yaml_node=node)
+
+
+def find_recipes(paths: list[str | Path]) -> list[Path]:
+    """Files and folders (searched recursively for *.yaml / *.yml) -> recipe files, sorted."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(q for q in p.rglob("*") if q.suffix in (".yaml", ".yml") and q.is_file())
+        else:
+            found.append(p)
+    return found
+
+
+def dump_resolved(recipe: Recipe) -> str:
+    header = f"# Resolved recipe (all defaults filled in) from {recipe.source}\n# sha256: {recipe.sha256}\n"
+    return header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, width=120)

@@ -1,0 +1,167 @@
+"""Recipe schema, validation errors, overrides and hashing (fast; no models)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hubforge import recipe as R
+from hubforge.recipe import RecipeError, find_recipes, load_recipe, resolve
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[1]
+BAD = REPO / "tests/fixtures/recipes/bad"
+ALL_RECIPES = find_recipes([REPO / "recipes"])
+
+
+def test_every_recipe_is_found_recursively_and_there_are_enough():
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in ALL_RECIPES}
+    assert "gemma-3-270m/persian-chat-lora.yaml" in names
+    assert len(names) >= 9 and any("/" in n for n in names)
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_shipped_recipe_validates_and_names_its_command(path):
+    recipe = load_recipe(path)
+    first = path.read_text("utf-8").splitlines()[0]
+    assert first.startswith("# Run: hubforge run ") and str(path.relative_to(REPO)) in first
+    assert recipe.source == str(path)
+
+
+# (fixture, substrings that must all appear in the error)
+BAD_CASES = {
+    "malformed.yaml": ["malformed.yaml:4:", "malformed YAML"],
+    "wrong-types.yaml": ["method.lora.r", "'eight' is not of type 'integer'", "train.packing", "train.batch_size"],
+    "unknown-key.yaml": ["train.learning_rat", "did you mean 'learning_rate'"],
+    "missing-required.yaml": ["missing required field 'method'", "base: missing required field 'model'"],
+    "enum.yaml": ["data.format", "'sharegpt' is not one of", "method.name", "'dora'"],
+    "nonpositive.yaml": ["train.learning_rate", "-0.0001", "train.batch_size", "less than the minimum of 1"],
+    "foreign-method-params.yaml": ["method.p_tuning", "do not belong to method 'lora'"],
+    "gguf-type.yaml": ["export.gguf.quants[1]", "'Q7_X' is not one of"],
+    "repo-id.yaml": ["publish.merged_repo", "bad repo!!"],
+    "path-escape.yaml": ["data.files[0]", "outside the repository"],
+    "empty.yaml": ["empty"],
+    "list.yaml": ["the recipe is a list", "mapping"],
+    "scalar.yaml": ["the recipe is a str", "mapping"],
+    "not-utf8.yaml": ["not-utf8.yaml:1:", "not UTF-8", "0xe9"],
+    "trust-remote-code.yaml": ["base.trust_remote_code", "refused"],
+    "duplicate-key.yaml": ["duplicate key 'base'", ":3:"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CASES))
+def test_bad_recipe_gets_a_clear_error(name):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(BAD / name, root=REPO)
+    message = str(info.value)
+    for expected in BAD_CASES[name]:
+        assert expected in message, f"{expected!r} missing from:\n{message}"
+
+
+def test_bad_fixture_table_covers_every_fixture():
+    assert set(BAD_CASES) | {"many-errors.yaml"} == {p.name for p in BAD.iterdir()}
+
+
+def test_all_schema_errors_are_reported_at_once_with_paths_and_lines():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(BAD / "many-errors.yaml", root=REPO)
+    problems = info.value.problems
+    assert any("'Many_Errors' is not allowed: use 2-64 lowercase" in p for p in problems)
+    paths = ["name", "data.eval_fraction", "method.lora.r", "method.lora.target_modules", "train.epochs", "train.optimizer"]
+    for path in paths:
+        assert any(f": {path}:" in p for p in problems), (path, problems)
+    assert len(problems) >= len(paths)
+    assert all(p.startswith(f"{BAD / 'many-errors.yaml'}:") and p.split(":")[1].isdigit() for p in problems)
+
+
+def test_cli_validate_reports_each_file_and_exits_1(tmp_path):
+    from typer.testing import CliRunner
+
+    from hubforge.cli import app
+
+    good = CliRunner().invoke(app, ["validate", str(REPO / "recipes")])
+    assert good.exit_code == 0, good.output
+    assert good.output.count("ok    ") == len(ALL_RECIPES)
+    bad = CliRunner().invoke(app, ["validate", str(BAD / "unknown-key.yaml"), str(REPO / "recipes/gemma-3-270m")])
+    assert bad.exit_code == 1
+    assert "FAIL" in bad.output and "did you mean 'learning_rate'" in bad.output
+
+
+def test_precedence_defaults_then_yaml_then_set():
+    path = REPO / "recipes/gemma-3-270m/persian-chat-lora.yaml"
+    plain = load_recipe(path)
+    assert plain.train.learning_rate == 2e-4          # YAML beats default (0.0002 is also the default...)
+    assert plain.train.max_grad_norm == 1.0           # default filled in
+    assert plain.train.scheduler == "cosine"          # YAML beats default 'linear'
+    over = load_recipe(path, ["train.scheduler=constant", "train.max_steps=7", "method.lora.r=4"])
+    assert (over.train.scheduler, over.train.max_steps, over.method.lora.r) == ("constant", 7, 4)
+    with pytest.raises(RecipeError, match="train.batch_size"):
+        load_recipe(path, ["train.batch_size=0"])      # overrides are validated like YAML
+    with pytest.raises(RecipeError, match="did you mean 'max_steps'"):
+        load_recipe(path, ["train.max_step=3"])
+
+
+def test_yaml_floats_in_exponent_form_are_numbers(tmp_path):
+    text = (REPO / "tests/fixtures/recipes/good/minimal.yaml").read_text("utf-8") + "train: {learning_rate: 2e-5}\n"
+    (tmp_path / "r.yaml").write_text(text, "utf-8")
+    (tmp_path / "recipes/data").mkdir(parents=True)
+    (tmp_path / "recipes/data/persian-chat.jsonl").write_text("{}\n")
+    assert load_recipe(tmp_path / "r.yaml", root=tmp_path).train.learning_rate == 2e-5
+
+
+def test_resolved_recipe_is_complete_and_hash_is_stable():
+    path = REPO / "recipes/gemma-3-270m/persian-chat-lora.yaml"
+    a, b = load_recipe(path), load_recipe(path)
+    assert a.sha256 == b.sha256 and len(a.sha256) == 64
+    assert load_recipe(path, ["train.seed=1"]).sha256 != a.sha256
+    dumped = yaml.safe_load(R.dump_resolved(a))
+    assert dumped == json.loads(json.dumps(a.to_dict()))
+    # Re-resolving the resolved recipe is a fixed point: every default is explicit in the file.
+    again = resolve(dumped, root=REPO)
+    assert again.sha256 == a.sha256
+    assert a.publish.merged_repo == "hubforge/gemma-3-270m-persian-chat"
+    assert a.space.rtl is True and a.eval.prompts == a.space.examples
+
+
+def test_method_subsections_are_filled_only_for_the_chosen_method():
+    base = {"name": "mm", "base": {"model": "embedded:gemma-3-270m"},
+            "data": {"files": ["recipes/data/persian-chat.jsonl"], "format": "messages"}}
+    pt = resolve({**base, "method": {"name": "prompt_tuning"}}, root=REPO)
+    assert pt.method.prompt_tuning.num_virtual_tokens == 20 and pt.method.lora is None
+    assert pt.publish.adapter_repo.endswith("-prompt-tuning")
+    q = resolve({**base, "method": {"name": "qlora"}}, root=REPO)
+    assert q.method.quantization.quant_type == "nf4" and q.method.lora.r == 8
+
+
+def test_dataclasses_mirror_the_schema():
+    """The typed recipe and the JSON Schema must name the same fields, section by section."""
+    props = R.schema()["properties"]
+    pairs = [(R.Base, props["base"]), (R.Data, props["data"]), (R.Train, props["train"]), (R.Eval, props["eval"]),
+             (R.LmEval, props["eval"]["properties"]["lm_eval"]), (R.Export, props["export"]),
+             (R.Gguf, props["export"]["properties"]["gguf"]), (R.Card, props["card"]), (R.Publish, props["publish"]),
+             (R.Space, props["space"]), (R.Method, props["method"])]
+    for section in ("lora", "quantization", "prompt_tuning", "p_tuning", "full"):
+        cls = {"lora": R.Lora, "quantization": R.Quantization, "prompt_tuning": R.PromptTuning, "p_tuning": R.PTuning, "full": R.Full}[section]
+        pairs.append((cls, props["method"]["properties"][section]))
+    for cls, sub in pairs:
+        assert {f.name for f in dataclasses.fields(cls)} == set(sub["properties"]), cls.__name__
+    top = {f.name for f in dataclasses.fields(R.Recipe)} - {"source", "root"}
+    assert top == set(props)
+
+
+def test_known_gguf_types_exist_in_llama_cpp():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    enum = R.schema()["properties"]["export"]["properties"]["gguf"]["properties"]["quants"]["items"]["enum"]
+    for t in enum:
+        assert hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}"), t
+
+
+def test_qa_metrics_need_squad_data():
+    raw = {"name": "qa", "base": {"model": "embedded:gemma-3-270m"},
+           "data": {"files": ["recipes/data/persian-chat.jsonl"], "format": "messages"},
+           "method": {"name": "lora"}, "eval": {"qa": True}}
+    with pytest.raises(RecipeError, match="eval.qa"):
+        resolve(raw, root=REPO)
