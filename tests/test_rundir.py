@@ -143,3 +143,18 @@ def test_two_runs_cannot_share_a_directory(tmp_path):
             pipeline.run(recipe(), RunDir.open(tmp_path), echo=lambda m: None)
     finally:
         held.close()
+
+
+def test_version_drift_fails_loudly(monkeypatch, tmp_path):
+    from importlib import metadata
+
+    from hubforge import versions
+
+    real = metadata.version
+    monkeypatch.setattr(versions.metadata, "version", lambda name: "9.9.9" if name == "transformers" else real(name))
+    with pytest.raises(RuntimeError, match="transformers 9.9.9 is installed; hubforge pins 5.23.0"):
+        pipeline.run(recipe(), RunDir.open(tmp_path), echo=lambda m: None)
+    assert not (tmp_path / "manifest.json").exists()  # nothing written half-way
+    monkeypatch.setenv("HUBFORGE_ALLOW_VERSION_DRIFT", "1")
+    with pytest.warns(UserWarning, match="differ from hubforge's pins"):
+        pipeline.run(recipe(), RunDir.open(tmp_path), echo=lambda m: None)

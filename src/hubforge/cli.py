@@ -92,8 +92,12 @@ def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
         run_dir: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>/<recipe-sha256[:12]>)."),
         overrides: Optional[List[str]] = SET,
         force: bool = typer.Option(False, help="Re-run stages even when their inputs are unchanged."),
+        publish: bool = typer.Option(False, "--publish", help="Also publish the repos and deploy the Space (checks the token first)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="With --publish: list every file, size and target repo; upload nothing."),
         quiet: bool = QUIET, as_json: bool = JSON) -> None:
-    """Run the pipeline stages through a run directory (resumable: unchanged stages are skipped)."""
+    """Run the pipeline stages through a run directory (resumable: unchanged stages are skipped).
+
+    Publishing is explicit: without --publish the publish and space stages are left out."""
     from hubforge import pipeline
     from hubforge.rundir import RunDir
 
@@ -104,13 +108,31 @@ def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
     echo(f"run directory: {folder}")
+    selected = [s for s in (stages or "").split(",") if s] or None
+    if dry_run:
+        _print_dry_run(recipe, folder, as_json)
+        return
     try:
-        entries = pipeline.run(recipe, RunDir.open(folder), [s for s in (stages or "").split(",") if s] or None,
-                               force=force, echo=echo)
+        entries = pipeline.run(recipe, RunDir.open(folder), selected, force=force, echo=echo, publish=publish)
     except (pipeline.StageError, RecipeError, FileNotFoundError, ConnectionError, RuntimeError, ValueError) as exc:
         _fail(f"error: {exc}\n(run directory: {folder}; fix the cause and run the same command again to resume)")
     if as_json:
         typer.echo(json.dumps({"run_dir": str(folder), "stages": entries}, indent=2, ensure_ascii=False, default=str))
+
+
+def _print_dry_run(recipe, folder: Path, as_json: bool) -> None:
+    from hubforge.rundir import RunDir
+    from hubforge.stages.publish import dry_run
+
+    try:
+        files = dry_run(recipe, RunDir.open(folder))
+    except Exception as exc:  # noqa: BLE001 - any reason the dry run cannot list files is the user's to see
+        _fail(f"error: {exc}")
+    if as_json:
+        typer.echo(json.dumps(files, indent=2, ensure_ascii=False))
+        return
+    for f in files:
+        typer.echo(f"{f['repo_id']:55} {f['path_in_repo']:50} {f['size']:>14,}")
 
 
 @app.command()
@@ -130,6 +152,24 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = JSON) -> None:
     for name, entry in states.items():
         extra = entry.get("error") or (entry.get("result") or {}).get("reason") or ""
         typer.echo(f"{name:9} {entry['status']:15} {entry.get('ended_at') or entry.get('started_at') or ''}  {extra}".rstrip())
+
+
+@app.command()
+def demo(recipe_path: Path = typer.Argument(Path("recipes/gemma-3-270m/persian-chat-lora.yaml"), metavar="RECIPE"),
+         data_dir: Path = typer.Option(Path(".hub-data"), help="Where the demo's local Hub keeps its repos."),
+         overrides: Optional[List[str]] = SET,
+         serve: Optional[bool] = typer.Option(None, "--serve/--no-serve", help="Keep the Hub and Space running afterwards (default: when on a terminal)."),
+         run_dir: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>/<sha12>).")) -> None:
+    """The whole pipeline offline: start a local Hub, run RECIPE with publishing, deploy and run the Space."""
+    from hubforge.demo import run_demo
+
+    keep = sys.stdin.isatty() and sys.stdout.isatty() if serve is None else serve
+    try:
+        run_demo(recipe_path, data_dir, overrides or [], keep, echo=typer.echo, run_dir=run_dir)
+    except RecipeError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - stage failures are reported with the run directory to resume from
+        _fail(f"error: {type(exc).__name__}: {exc}\n(fix the cause and run the same command again to resume)")
 
 
 @base_app.command("fetch")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from hubforge import versions
 from hubforge.recipe import Recipe, dump_resolved
 from hubforge.redact import redact
 from hubforge.rundir import RunDir, now, stage_host_fields
@@ -38,6 +39,7 @@ class Stage:
     sections: tuple[str, ...]
     summary: str
     module_path: str = ""  # default hubforge.stages.<name>; tests point it elsewhere
+    publishes: bool = False  # has Hub side effects: runs only when publishing was asked for
 
     @property
     def module(self) -> str:
@@ -58,8 +60,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", ("data", "train", "merge"), ("base", "method", "data", "eval"), "base vs tuned: loss, perplexity, QA, samples, lm-eval"),
     Stage("gguf", ("merge", "train"), ("export", "method"), "GGUF f16 + llama.cpp quants, each verified"),
     Stage("card", ("data", "train", "merge", "evaluate", "gguf"), ("name", "base", "data", "method", "train", "eval", "export", "card", "publish", "space"), "render and validate model cards"),
-    Stage("publish", ("train", "merge", "gguf", "card"), ("publish",), "push adapter, merged and GGUF repos"),
-    Stage("space", ("publish",), ("space", "publish", "card"), "deploy the Gradio Space and wait for RUNNING"),
+    Stage("publish", ("train", "merge", "gguf", "card"), ("publish",), "push adapter, merged and GGUF repos", publishes=True),
+    Stage("space", ("publish",), ("space", "publish", "card"), "deploy the Gradio Space and wait for RUNNING", publishes=True),
 )
 
 
@@ -83,9 +85,10 @@ def available_stages() -> list[Stage]:
     return [s for s in registry() if s.available]
 
 
-def select_stages(names: list[str] | None) -> list[Stage]:
+def select_stages(names: list[str] | None, publish: bool = False) -> list[Stage]:
+    """The stages to run, in pipeline order. Without `publish`, stages with Hub side effects are left out."""
     if not names:
-        return available_stages()
+        return [s for s in available_stages() if publish or not s.publishes]
     chosen = [get_stage(n) for n in names]
     missing = [s.name for s in chosen if not s.available]
     if missing:
@@ -118,10 +121,22 @@ def default_run_dir(recipe: Recipe, runs_root: Path = Path("runs")) -> Path:
     return runs_root / recipe.name / recipe.sha256[:12]
 
 
+def preflight(recipe: Recipe, selected: list[Stage]) -> None:
+    """Checks that must pass before any expensive stage: today, Hub credentials and names when publishing."""
+    if any(s.publishes for s in selected) and get_stage("publish").available:
+        importlib.import_module("hubforge.stages.publish").preflight(recipe)
+
+
 def run(recipe: Recipe, run_dir: RunDir, stages: list[str] | None = None, force: bool = False,
-        echo: Callable[[str], None] = print) -> dict[str, dict]:
-    """Run the selected stages in order; returns {stage: manifest entry}. Raises on the first failing stage."""
-    selected = select_stages(stages)
+        echo: Callable[[str], None] = print, publish: bool = False) -> dict[str, dict]:
+    """Run the selected stages in order; returns {stage: manifest entry}. Raises on the first failing stage.
+
+    `publish=True` adds the stages with Hub side effects (publish, space) and runs their preflight first, so a
+    bad token or namespace stops the run before training.
+    """
+    versions.check()
+    selected = select_stages(stages, publish)
+    preflight(recipe, selected)
     lock = run_dir.lock()
     try:
         _save_resolved(recipe, run_dir)

@@ -1,0 +1,60 @@
+"""`hubforge plan` works offline for every shipped recipe and says what a reviewer needs to know."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hubforge.cli import app
+from hubforge.plan import build_plan, parameter_counts
+from hubforge.recipe import find_recipes, load_recipe
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", find_recipes([REPO / "recipes"]), ids=lambda p: p.name)
+def test_plan_every_recipe_in_every_format(path):
+    for fmt in ("text", "markdown", "json"):
+        result = CliRunner().invoke(app, ["plan", str(path), "--format", fmt])
+        assert result.exit_code == 0, result.output
+    plan = json.loads(CliRunner().invoke(app, ["plan", str(path), "--format", "json"]).output)
+    assert plan["estimates"]["parameters"]["total"] > 100_000_000
+    assert 0 < plan["estimates"]["parameters"]["trainable"] <= plan["estimates"]["parameters"]["total"]
+    assert plan["estimates"]["gpu_memory"]["total_gib"] > 0
+
+
+def test_embedded_plan_lists_repos_gguf_files_and_counts_tokens():
+    plan = build_plan(load_recipe(REPO / "recipes/gemma-3-270m/persian-chat-lora.yaml"))
+    assert plan["repos"] == {"adapter": "hubforge/gemma-3-270m-persian-chat-lora", "merged": "hubforge/gemma-3-270m-persian-chat",
+                             "gguf": "hubforge/gemma-3-270m-persian-chat-GGUF"}
+    assert "gemma-3-270m-persian-chat-Q4_K_M.gguf" in plan["gguf_files"]
+    assert plan["estimates"]["train_tokens"]["tokens"] > 1000
+    assert plan["space"] == "hubforge/gemma-3-270m-persian-chat-demo"
+
+
+def test_lora_trainable_parameters_match_peft(tiny_base, make_recipe):
+    """The plan's formula agrees exactly with PEFT on a real (tiny) model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hubforge.plan import architecture
+
+    recipe = make_recipe(method={"name": "lora", "lora": {"r": 4}})
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
+                           LoraConfig(r=4, target_modules=list(recipe.method.lora.target_modules)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = parameter_counts(recipe, architecture(recipe))
+    assert counts["trainable"] == trainable
+    base_total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    assert abs(counts["total"] - base_total) / base_total < 0.01  # the formula ignores norm weights
+
+
+def test_prompt_tuned_recipe_has_no_merged_or_gguf_repo_and_warns_about_unpinned_revisions():
+    plan = build_plan(load_recipe(REPO / "recipes/gemma-3-270m/dolly-prompt-tuning.yaml"))
+    assert plan["repos"]["merged"] is None and plan["repos"]["gguf"] is None and plan["gguf_files"] == []
+    assert plan["repos"]["adapter"].endswith("-prompt-tuning")
+    assert any("data.revision" in w for w in plan["warnings"])
+    assert {s["name"]: s["applies"] for s in plan["stages"]}["merge"] is False
