@@ -1,0 +1,250 @@
+"""Routes about accounts, repos, refs and listings (everything except moving file bytes).
+
+Response shapes follow shared/reference/hub-http-api.md §2 and §4: only the keys `huggingface_hub` 2.4.0 reads
+are guaranteed; a few more (downloads, likes, usedStorage) make the objects look like the Hub's.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import yaml
+
+from .context import PLURAL, PREFIX, Reply, Request, json_reply
+from .errors import HubError, bad_request
+from .storage import check_name, lfs_pointer
+
+SDKS = ("gradio", "docker", "static", "streamlit")
+# Same front-matter pattern as huggingface_hub.repocard.REGEX_YAML_BLOCK.
+_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
+_card_cache: dict[str, dict | None] = {}
+
+
+def front_matter(text: str) -> dict | None:
+    """YAML front matter of a README as a dict, None if there is none; ValueError if it is not valid YAML."""
+    m = _YAML_BLOCK.search(text)
+    if not m:
+        return None
+    try:
+        data = yaml.safe_load(m.group(2))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"Invalid YAML in README front matter: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError("README front matter must be a YAML mapping")
+    return data
+
+
+def card_data(req: Request, tree: dict) -> dict | None:
+    entry = tree.get("README.md")
+    if entry is None or entry["size"] > 1 << 20:
+        return None
+    key = entry["sha256"]
+    if key not in _card_cache:
+        try:
+            _card_cache[key] = front_matter(req.hub.storage.blobs.path(key).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            _card_cache[key] = None
+    return _card_cache[key]
+
+
+def _tags(card: dict | None, meta: dict) -> list[str]:
+    card = card or {}
+    tags = [str(t) for t in card.get("tags") or [] if isinstance(t, (str, int, float))]
+    for key, prefix in (("library_name", ""), ("license", "license:"), ("language", ""), ("datasets", "dataset:"),
+                        ("base_model", "base_model:")):
+        values = card.get(key)
+        for v in values if isinstance(values, list) else [values] if values else []:
+            tags.append(f"{prefix}{v}")
+    if meta["type"] == "space":
+        tags.append(meta.get("sdk", "gradio"))
+    return list(dict.fromkeys(tags))
+
+
+def lfs_info(entry: dict) -> dict:
+    return {"oid": entry["sha256"], "size": entry["size"],
+            "pointerSize": len(lfs_pointer(entry["sha256"], entry["size"]))}
+
+
+def info_dict(req: Request, meta: dict, rev: str = "main", full: bool = True) -> dict:
+    rtype, repo_id = meta["type"], meta["id"]
+    st = req.hub.storage
+    oid, tree = st.tree(rtype, repo_id, rev)
+    head = st.commit_record(rtype, repo_id, oid)
+    card = card_data(req, tree)
+    info = {"_id": hashlib.sha1(f"{rtype}/{repo_id}/{meta['createdAt']}".encode()).hexdigest()[:24],
+            "id": repo_id, "author": repo_id.split("/")[0], "sha": oid, "lastModified": head["date"],
+            "createdAt": meta["createdAt"], "private": meta["private"], "gated": False, "disabled": False,
+            "downloads": 0, "likes": 0, "tags": _tags(card, meta),
+            "usedStorage": sum(e["size"] for e in tree.values())}
+    if card is not None:
+        info["cardData"] = card
+    if full:
+        info["siblings"] = [{"rfilename": p, "size": e["size"], "blobId": e["oid"],
+                             **({"lfs": {"sha256": e["sha256"], "size": e["size"],
+                                         "pointerSize": lfs_info(e)["pointerSize"]}} if e["lfs"] else {})}
+                            for p, e in sorted(tree.items())]
+    if rtype == "model":
+        info["modelId"] = repo_id
+        for key in ("library_name", "pipeline_tag"):
+            if card and isinstance(card.get(key), str):
+                info[key] = card[key]
+    elif rtype == "space":
+        runtime = req.hub.spaces.runtime(repo_id)
+        info.update(sdk=meta.get("sdk"), runtime=runtime, subdomain=repo_id.replace("/", "-").lower(),
+                    host=runtime.get("host"))
+    return info
+
+
+# --- account -------------------------------------------------------------------------------------------------
+def whoami(req: Request) -> Reply:
+    return json_reply(req.hub.users.whoami(req.need_user()))
+
+
+def agent_harnesses(req: Request) -> Reply:
+    return json_reply({"standardEnvVars": [], "harnesses": {}})
+
+
+def validate_yaml(req: Request) -> Reply:
+    try:
+        body = req.json_object()
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise ValueError("`content` must be a string")
+        front_matter(content)
+    except (ValueError, HubError) as exc:
+        msg = exc.message if isinstance(exc, HubError) else str(exc)
+        return json_reply({"errors": [{"message": msg}], "warnings": []}, 400)
+    return json_reply({"errors": [], "warnings": []})
+
+
+# --- repos ---------------------------------------------------------------------------------------------------
+def _repo_url(req: Request, rtype: str, repo_id: str) -> str:
+    return f"{req.base_url}/{PREFIX[rtype]}{repo_id}"
+
+
+def create_repo(req: Request) -> Reply:
+    ident = req.need_user()
+    body = req.json_object()
+    rtype = body.get("type") or "model"
+    if rtype not in PREFIX:
+        raise bad_request(f"Invalid repo type: {rtype!r}")
+    name, ns = body.get("name"), body.get("organization") or ident.name
+    if isinstance(name, str) and "/" in name and not body.get("organization"):
+        ns, name = name.split("/", 1)  # legacy clients send "ns/name" as name
+    check_name(name, "repo name")
+    check_name(ns, "namespace")
+    if ns in ("datasets", "spaces", "api", "_cdn"):
+        raise bad_request(f"Reserved namespace: {ns}")
+    if not ident.can_write(ns):
+        raise HubError(403, f"You don't have the rights to create a repo under {ns}")
+    repo_id = f"{ns}/{name}"
+    if req.hub.storage.meta(rtype, repo_id) is not None:  # the caller can write (hence read) this namespace
+        return json_reply({"error": f"You already created this {rtype} repo", "url": _repo_url(req, rtype, repo_id)},
+                          409)
+    visibility = body.get("visibility")
+    private = visibility in ("private", "protected") if visibility is not None else bool(body.get("private"))
+    extra = {}
+    if rtype == "space":
+        sdk = body.get("sdk")
+        if sdk not in SDKS:
+            raise bad_request(f"Invalid sdk {sdk!r}; expected one of {SDKS}")
+        extra["sdk"] = sdk
+    req.hub.storage.create_repo(rtype, repo_id, ident.name, private, extra)
+    if rtype == "space":
+        req.hub.spaces.init_space(repo_id, body)
+    return json_reply({"url": _repo_url(req, rtype, repo_id), "name": repo_id, "id": repo_id})
+
+
+def delete_repo(req: Request) -> Reply:
+    body = req.json_object()
+    rtype = body.get("type") or "model"
+    if rtype not in PREFIX or not isinstance(body.get("name"), str):
+        raise bad_request("Expected {name, organization?, type?}")
+    ns = body.get("organization") or req.need_user().name
+    req.repo(rtype, ns, body["name"], write=True)
+    req.hub.storage.delete_repo(rtype, f"{ns}/{body['name']}")
+    if rtype == "space":
+        req.hub.spaces.forget(f"{ns}/{body['name']}")
+    return json_reply({})
+
+
+def unsupported(req: Request) -> Reply:
+    raise bad_request(f"{req.path} is not supported by the local Hub")
+
+
+def update_settings(req: Request, kind: str, ns: str, name: str) -> Reply:
+    rtype = PLURAL[kind]
+    req.repo(rtype, ns, name, write=True)
+    body = req.json_object()
+    if body.get("gated") not in (None, False):
+        raise bad_request("Gated repos are not supported by the local Hub")
+    changes = {}
+    if "visibility" in body:
+        changes["private"] = body["visibility"] in ("private", "protected")
+    if "private" in body:
+        changes["private"] = bool(body["private"])
+    if changes:
+        req.hub.storage.update_meta(rtype, f"{ns}/{name}", **changes)
+    return json_reply({})
+
+
+def repo_info(req: Request, kind: str, ns: str, name: str, rev: str = "main") -> Reply:
+    meta = req.repo(PLURAL[kind], ns, name)
+    return json_reply(info_dict(req, meta, rev or "main"))
+
+
+def list_repos(req: Request, kind: str) -> Reply:
+    rtype, ident = PLURAL[kind], req.identity
+    author, search = req.arg("author"), (req.arg("search") or "").lower()
+    limit = int(req.arg("limit") or 0) if (req.arg("limit") or "").isdigit() else 0
+    out = []
+    for meta in req.hub.storage.list_repos(rtype):
+        ns = meta["id"].split("/")[0]
+        if meta["private"] and not (ident and ident.can_read(ns)):
+            continue
+        if (author and ns != author) or (search and search not in meta["id"].lower()):
+            continue
+        out.append(info_dict(req, meta, full=req.flag("full")))
+    out.sort(key=lambda d: d["lastModified"], reverse=True)
+    return json_reply(out[:limit] if limit else out)
+
+
+# --- refs ----------------------------------------------------------------------------------------------------
+def list_refs(req: Request, kind: str, ns: str, name: str) -> Reply:
+    meta = req.repo(PLURAL[kind], ns, name)
+    refs = req.hub.storage.refs(meta["type"], meta["id"])
+    out = {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": oid}
+                        for b, oid in sorted(refs["branches"].items())],
+           "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": v["target"]}
+                    for t, v in sorted(refs["tags"].items())],
+           "converts": []}
+    if req.flag("include_prs"):
+        out["pullRequests"] = []
+    return json_reply(out)
+
+
+def branch(req: Request, kind: str, ns: str, name: str, ref: str) -> Reply:
+    meta = req.repo(PLURAL[kind], ns, name, write=True)
+    st = req.hub.storage
+    if req.method == "DELETE":
+        st.delete_ref(meta["type"], meta["id"], "branch", ref)
+        return json_reply({})
+    start = req.json_object().get("startingPoint") or "main"
+    st.create_ref(meta["type"], meta["id"], "branch", ref, st.resolve(meta["type"], meta["id"], str(start)))
+    return json_reply({})
+
+
+def tag(req: Request, kind: str, ns: str, name: str, ref: str) -> Reply:
+    meta = req.repo(PLURAL[kind], ns, name, write=True)
+    st = req.hub.storage
+    if req.method == "DELETE":
+        st.delete_ref(meta["type"], meta["id"], "tag", ref)
+        return json_reply({})
+    body = req.json_object()
+    if not isinstance(body.get("tag"), str):
+        raise bad_request("Expected {tag, message?}")
+    target = st.resolve(meta["type"], meta["id"], ref)
+    st.create_ref(meta["type"], meta["id"], "tag", body["tag"], target, str(body.get("message") or ""))
+    return json_reply({})
