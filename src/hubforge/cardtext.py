@@ -328,8 +328,8 @@ def card_context(kind: str, recipe, manifest: dict, results: dict, data: ModelCa
         "samples": sample_rows(kind, results), "quants": quant_rows(files),
         "default_gguf": default_gguf, "default_quant": default_gguf.removeprefix(f"{recipe.name}-").removesuffix(".gguf"),
         "lora_gguf": Path(lora["file"]).name if isinstance(lora, dict) and lora.get("file") else None,
-        # the adapter repo holds only the adapter (publish): the merged repo has the training tokenizer + template
-        "tokenizer_repo": produced.get("merged") or facts["hub_id"],
+        # publish puts the training tokenizer + chat template beside the adapter (and in the merged repo)
+        "tokenizer_repo": produced.get("adapter") or produced.get("merged") or facts["hub_id"],
         "template_note": template_note(res["data"], produced),
         "merge_dtype": res["merge"].get("dtype"), "hardware": hardware(res["train"].get("hardware")),
         "space_title": recipe.space.title, "space_backend": recipe.space.backend, "space_hardware": recipe.space.hardware,

@@ -7,7 +7,8 @@ nothing to do for a recipe (e.g. `merge` for prompt tuning) returns `{"status": 
 
 Adding a stage is one entry in `STAGES`. A stage is skipped when it finished before with the same inputs
 (the recipe sections it reads + the outputs of the stages it needs) and its outputs are still on disk;
-otherwise it runs again, and a stage that crashed or was killed is re-run.
+otherwise it runs again, and a stage that crashed or was killed is re-run. Publishing stages are the exception:
+they always run (idempotently), since what they change lives outside the run directory.
 
     hubforge run recipes/gemma-3-270m/persian-chat-lora.yaml --stages data,train
 """
@@ -150,8 +151,10 @@ def run(recipe: Recipe, run_dir: RunDir, stages: list[str] | None = None, force:
                                      f"add it to --stages or run without --stages")
             digest = inputs_hash(stage, recipe, run_dir)
             entry = run_dir.stage(stage.name)
-            if (not force and entry.get("status") in ("done", "not_applicable") and entry.get("inputs_hash") == digest
-                    and run_dir.outputs_intact(stage.name)):
+            # Stages with Hub side effects always run: the remote can change under an unchanged run directory
+            # (another endpoint, a deleted repo), and re-publishing unchanged files makes no commit and sends no bytes.
+            if (not force and not stage.publishes and entry.get("status") in ("done", "not_applicable")
+                    and entry.get("inputs_hash") == digest and run_dir.outputs_intact(stage.name)):
                 echo(f"[{stage.name}] up to date, skipped")
                 continue
             if entry.get("status") == "interrupted":
