@@ -18,6 +18,8 @@ sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 
 # Tests never reach the real Hub: keep library telemetry and version checks quiet and local.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# llama.cpp next to torch in one process: spin-waiting OpenMP threads make generation up to 500x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

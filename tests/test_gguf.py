@@ -1,0 +1,225 @@
+"""gguf stage on the tiny Gemma 3: every quant type, the tokenizer probe, LoRA-GGUF, and the refusal paths.
+
+    .venv/bin/python -m pytest tests/test_gguf.py -q -p no:cacheprovider
+
+One LoRA run is merged and exported once (module fixture, ~1 min on 2 cores); the refusal tests stop early or
+export only the f16 file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "gguf"))
+from make_adapters import (fake_run, llama_cpp_faithful, make_lora_adapter, merged_run, set_config,  # noqa: E402
+                           stale_tokenizer_model)
+
+pytestmark = pytest.mark.integration
+
+ALL_QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q3_K_L", "Q3_K_M",
+              "Q3_K_S", "Q2_K", "IQ4_NL", "TQ1_0", "TQ2_0"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_base, persian_chat_file):
+    root = tmp_path_factory.mktemp("gguf-project")
+    shutil.copytree(tiny_base, root / "base")
+    llama_cpp_faithful(root / "base")  # no-op once the shared fixture sets query_pre_attn_scalar = head_dim
+    (root / "data").mkdir()
+    shutil.copy(persian_chat_file, root / "data" / "chat.jsonl")
+    return root
+
+
+def make(root: Path, **gguf):
+    from hubforge.recipe import resolve
+
+    raw = {"name": "tiny-gguf", "base": {"model": "./base"}, "data": {"files": ["data/chat.jsonl"], "format": "messages"},
+           "method": {"name": "lora"}, "eval": {"max_samples": 4}, "export": {"gguf": gguf}}
+    return resolve(raw, root=root, source="<test>")
+
+
+@pytest.fixture(scope="module")
+def exported(project, tmp_path_factory):
+    from hubforge.stages import gguf, merge
+
+    recipe = make(project, quants=ALL_QUANTS, lora=True)
+    work = tmp_path_factory.mktemp("gguf-run")
+    adapter = make_lora_adapter(project / "base", work / "adapter")
+    run_dir = fake_run(work / "run", adapter, project / "data" / "chat.jsonl")
+    run_dir.mark("merge", status="done", result=merge.run(recipe, run_dir))
+    return recipe, run_dir, gguf.run(recipe, run_dir)
+
+
+def test_every_type_is_written_hashed_loads_and_generates(exported):
+    import llama_cpp
+    from hubforge import llamacpp
+    from hubforge.rundir import sha256_file
+
+    recipe, run_dir, result = exported
+    files = {row["type"]: row for row in result["files"]}
+    assert list(files) == ["F16", *ALL_QUANTS]
+    for qtype, row in files.items():
+        path = run_dir.path / row["file"]
+        assert path.name == f"tiny-gguf-{qtype}.gguf"
+        assert row["size"] == path.stat().st_size and row["sha256"] == sha256_file(path)
+        assert row["tokens_per_s"] > 0 and math.isfinite(row["perplexity"]) and 0 <= row["greedy_agreement"] <= 1
+        with closing(llamacpp.load(path, vocab_only=True)) as llm:  # the file really holds that type, no fallback
+            want = 1 if qtype == "F16" else getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+            assert int(llm.metadata["general.file_type"]) == want
+    assert files["F16"]["greedy_agreement"] == 1.0 and files["F16"]["delta_ppl_vs_f16"] == 0
+    bpw = [files[t]["bits_per_weight"] for t in ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "TQ1_0")]
+    assert bpw == sorted(bpw, reverse=True) and len(set(bpw)) == len(bpw)
+
+
+def test_quality_table_is_written(exported):
+    _, run_dir, result = exported
+    quality = json.loads((run_dir.path / "gguf" / "quality.json").read_text("utf-8"))
+    assert quality["files"] == result["files"]
+    assert quality["held_out"]["source"] == "data/eval.jsonl" and quality["held_out"]["tokens"] > 50
+    assert math.isfinite(quality["reference"]["perplexity"])
+    for row in quality["files"]:
+        assert {"size", "bits_per_weight", "perplexity", "delta_ppl_vs_f16", "tokens_per_s", "greedy_agreement"} <= set(row)
+
+
+def test_chat_template_and_special_ids_travel_inside(exported):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    _, run_dir, result = exported
+    tokenizer = AutoTokenizer.from_pretrained(run_dir.path / "merge" / "model")
+    reader = GGUFReader(str(run_dir.path / result["files"][0]["file"]))
+
+    def scalar(key):
+        field = reader.fields[key]
+        return bytes(field.parts[field.data[0]]).decode() if key.endswith("template") else int(field.parts[field.data[0]][0])
+
+    assert scalar("tokenizer.chat_template") == tokenizer.chat_template
+    assert scalar("tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
+    assert scalar("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    assert result["tokenizer_probe"]["ok"] and result["tokenizer_probe"]["chat_template"]
+
+
+def test_lora_gguf_on_base_reproduces_merged_f16(exported):
+    _, run_dir, result = exported
+    lora = result["lora_gguf"]
+    assert (run_dir.path / lora["file"]).name == "tiny-gguf-LoRA-F16.gguf"
+    assert lora["exact_prefix_ok"] and lora["kl_vs_merged"] < 1e-4 and lora["adapter_changes_output"]
+    assert lora["kl_base_without_adapter_vs_merged"] > 100 * lora["kl_vs_merged"]
+    assert lora["size"] < result["files"][0]["size"] / 5
+
+
+def test_lora_gguf_that_llama_cpp_scales_differently_is_refused(exported, tmp_path, monkeypatch):
+    from hubforge import llamacpp
+    from hubforge.pipeline import StageError
+    from hubforge.stages import gguf
+
+    recipe, run_dir, _ = exported
+    convert = llamacpp.convert_lora
+
+    def wrong_alpha(adapter_dir, base_dir, outfile, outtype="F16"):  # what rsLoRA / alpha_pattern would do unnoticed
+        copy = shutil.copytree(adapter_dir, tmp_path / "scaled")
+        config = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": config["lora_alpha"] * 2}))
+        return convert(copy, base_dir, outfile, outtype)
+
+    monkeypatch.setattr(llamacpp, "convert_lora", wrong_alpha)
+    rerun = merged_run(tmp_path / "run", run_dir.path / "merge" / "model", recipe.local_path("data/chat.jsonl"),
+                       run_dir.path / "train" / "adapter")
+    with pytest.raises(StageError, match="LoRA-F16.gguf on the base f16 GGUF does not compute what the merged"):
+        gguf.run(make(recipe.root, quants=[], lora=True), rerun)
+
+
+def test_probe_stops_a_gguf_with_a_stale_tokenizer_model(exported, tmp_path):
+    from hubforge.pipeline import StageError
+    from hubforge.stages import gguf
+
+    recipe, run_dir, _ = exported
+    model = stale_tokenizer_model(shutil.copytree(run_dir.path / "merge" / "model", tmp_path / "model"))
+    broken = merged_run(tmp_path / "run", model, recipe.local_path("data/chat.jsonl"))
+    with pytest.raises(StageError, match="tokenizer probe failed.*encodes as"):
+        gguf.run(make(recipe.root, quants=[]), broken)
+
+
+def test_checkpoint_with_only_tokenizer_json_is_refused(exported, tmp_path):
+    from hubforge.pipeline import StageError
+    from hubforge.stages import gguf
+
+    recipe, run_dir, _ = exported
+    model = shutil.copytree(run_dir.path / "merge" / "model", tmp_path / "model")
+    (model / "tokenizer.model").unlink()  # the converter then guesses a BPE pre-tokenizer by hash
+    with pytest.raises(StageError, match="convert_hf_to_gguf.py failed|tokenizer probe failed"):
+        gguf.run(make(recipe.root, quants=[]), merged_run(tmp_path / "run", model, recipe.local_path("data/chat.jsonl")))
+
+
+def test_f16_that_does_not_reproduce_the_hf_model_is_refused(exported, tmp_path):
+    from hubforge.pipeline import StageError
+    from hubforge.stages import gguf
+
+    recipe, run_dir, _ = exported
+    # HF scales attention by query_pre_attn_scalar; the converter drops it, so llama.cpp computes another function.
+    model = set_config(shutil.copytree(run_dir.path / "merge" / "model", tmp_path / "model"), query_pre_attn_scalar=1024)
+    with pytest.raises(StageError, match="does not reproduce the merged HF model"):
+        gguf.run(make(recipe.root, quants=[]), merged_run(tmp_path / "run", model, recipe.local_path("data/chat.jsonl")))
+
+
+def test_unsupported_architecture_is_named(project, tmp_path):
+    from hubforge.pipeline import StageError
+    from hubforge.stages import gguf
+
+    model = tmp_path / "toy"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["HubforgeToyForCausalLM"], "model_type": "toy"}))
+    run_dir = merged_run(tmp_path / "run", model, project / "data" / "chat.jsonl")
+    with pytest.raises(StageError, match="does not support architecture 'HubforgeToyForCausalLM'"):
+        gguf.run(make(project), run_dir)
+
+
+def test_disk_preflight_refuses_before_converting(exported, tmp_path, monkeypatch):
+    from hubforge.pipeline import StageError
+    from hubforge.stages import gguf
+
+    recipe, run_dir, _ = exported
+    small = merged_run(tmp_path / "run", run_dir.path / "merge" / "model", recipe.local_path("data/chat.jsonl"))
+    monkeypatch.setattr(gguf, "free_bytes", lambda folder: 2_000_000)  # the tiny model's 6 files need ~9 MB
+    with pytest.raises(StageError, match="not enough disk.*GiB needed"):
+        gguf.run(make(recipe.root), small)
+    assert not list((small.path / "gguf").glob("*.gguf"))
+
+
+@pytest.mark.parametrize("kind", ["modules_to_save", "lm_head"])
+def test_adapter_that_llama_cpp_would_silently_drop_is_refused(exported, tmp_path, kind):
+    from hubforge.pipeline import StageError
+    from hubforge.stages import gguf
+
+    recipe, run_dir, _ = exported
+    extra = {"modules_to_save": ["embed_tokens"]} if kind == "modules_to_save" else {"target_modules": ["q_proj", "lm_head"]}
+    adapter = make_lora_adapter(recipe.local_path("base"), tmp_path / "adapter", **extra)
+    assert any(kind in problem for problem in gguf.lora_problems(adapter))
+    broken = merged_run(tmp_path / "run", run_dir.path / "merge" / "model", recipe.local_path("data/chat.jsonl"), adapter)
+    with pytest.raises(StageError, match=f"export.gguf.lora.*{kind}"):
+        gguf.run(make(recipe.root, lora=True), broken)
+    assert gguf.lora_problems(run_dir.path / "train" / "adapter") == []  # the plain adapter passes
+
+
+def test_not_applicable_when_nothing_was_merged_or_gguf_is_off(project, tmp_path):
+    from hubforge.rundir import RunDir
+    from hubforge.stages import gguf
+
+    run_dir = RunDir.open(tmp_path / "run")
+    run_dir.mark("merge", status="not_applicable", result={"status": "not_applicable", "reason": "prompt_tuning learns virtual tokens"})
+    assert gguf.run(make(project), run_dir)["status"] == "not_applicable"
+    assert gguf.run(make(project, enabled=False), run_dir) == {"status": "not_applicable", "reason": "export.gguf.enabled is false"}
+
+
+def test_converter_registry_is_read_from_the_pinned_llama_cpp():
+    from hubforge import llamacpp
+
+    archs = llamacpp.supported_architectures()
+    assert {"Gemma3ForCausalLM", "Gemma2ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM"} <= archs
+    assert "HubforgeToyForCausalLM" not in archs
