@@ -5,6 +5,8 @@ llama-cpp-python and the chat template inside the GGUF) and the merged checkpoin
 """
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,7 +79,8 @@ def test_space_serve_runs_the_app_on_a_run_directory(make_recipe, tiny_gguf, tmp
     (run / "recipe.resolved.yaml").write_text(dump_resolved(recipe))
     shutil.copy(tiny_gguf, run / "gguf" / f"{recipe.name}-Q4_K_M.gguf")
     port = free_port()
-    process = space.serve(space.run_dir_env(run), port=port, wait=False)
+    process = subprocess.Popen([sys.executable, "-m", "hubforge.cli", "space", "serve", "--run-dir", str(run),
+                                "--port", str(port)])
     try:
         wait_ready(f"http://127.0.0.1:{port}", process, None, 180)  # its output goes to pytest
         _, final, _, _ = stream_chat(f"http://127.0.0.1:{port}", PERSIAN_PROMPT, max_new_tokens=16)
@@ -85,3 +88,5 @@ def test_space_serve_runs_the_app_on_a_run_directory(make_recipe, tiny_gguf, tmp
     finally:
         process.terminate()
         process.wait(15)
+    with pytest.raises(ConnectionRefusedError):  # the app went down with the CLI instead of being orphaned
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -222,3 +222,19 @@ def test_runner_reads_app_file_from_front_matter(tmp_path):
     assert app_file(tmp_path) == "app.py"
     (tmp_path / "README.md").write_text("---\nsdk: gradio\napp_file: src/main.py\n---\n# x\n")
     assert app_file(tmp_path) == "src/main.py"
+
+
+def test_space_serve_cli_names_what_is_missing(tmp_path):
+    from typer.testing import CliRunner
+
+    from hubforge.cli import app
+
+    runner = CliRunner()
+    nothing = runner.invoke(app, ["space", "serve"])
+    assert nothing.exit_code == 1 and "--run-dir" in nothing.output
+    no_recipe = runner.invoke(app, ["space", "serve", "--run-dir", str(tmp_path)])
+    assert no_recipe.exit_code == 1 and "recipe.resolved.yaml" in no_recipe.output
+    gguf_without_file = runner.invoke(app, ["space", "serve", "--gguf-repo", "me/x-GGUF"])
+    assert gguf_without_file.exit_code == 1 and "--gguf-file" in gguf_without_file.output
+    bad_backend = runner.invoke(app, ["space", "serve", "--run-dir", str(tmp_path), "--backend", "onnx"])
+    assert bad_backend.exit_code == 1 and "gguf or transformers" in bad_backend.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,8 @@ def serve(app_env: dict[str, str], *, host: str = "127.0.0.1", port: int = 7860,
     process = subprocess.Popen([sys.executable, str(SPACE_SRC / "app.py")], env=env, cwd=SPACE_SRC)
     if not wait:
         return process
+    # Stopping `hubforge space serve` (Ctrl-C or SIGTERM) stops the app with it rather than orphaning it.
+    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
     try:
         return process.wait()
     except KeyboardInterrupt:
