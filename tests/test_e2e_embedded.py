@@ -50,6 +50,13 @@ def test_loss_fell_and_eval_is_base_vs_tuned(demo_run):
     results = json.loads((work / "run/evaluate/results.json").read_text())
     text = json.dumps(results)
     assert "perplexity" in text and "base" in text and "tuned" in text
+    # The GGUF table's perplexity counts the same held-out tokens as the card's tuned number: the F16 file (the
+    # merged weights, exactly) must land on the merged model's perplexity.
+    quality = json.loads((work / "run/gguf/quality.json").read_text())
+    merged = results["perplexity"]["results"]["merged"]
+    assert quality["held_out"]["tokens_scored"] == results["perplexity"]["tokens_scored"] == "assistant"
+    assert quality["held_out"]["scored_tokens"] == merged["tokens"]
+    assert abs(quality["files"][0]["perplexity"] / merged["perplexity"] - 1) < 0.02, (quality["files"][0], merged)
 
 
 def test_published_repos_are_usable_from_a_fresh_client(demo_run):

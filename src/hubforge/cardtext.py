@@ -219,7 +219,9 @@ def quant_rows(files: list[dict]) -> list[dict]:
              "ppl": num(f.get("perplexity")),
              "delta": f"{f['delta_ppl_vs_f16']:+.4g}" if isinstance(f.get("delta_ppl_vs_f16"), (int, float)) else "–",
              "tps": f"{f['tokens_per_s']:.1f}" if isinstance(f.get("tokens_per_s"), (int, float)) else "–",
-             "agree": pct(f.get("greedy_agreement")), "sha": (f.get("sha256") or "")[:12]} for f in files]
+             "kl": f"{f['kl_vs_hf']:.2g}" if isinstance(f.get("kl_vs_hf"), (int, float)) else "–",
+             "top1": pct(f.get("top1_agreement_vs_hf")), "agree": pct(f.get("greedy_agreement")),
+             "flag": " ⚠️" if f.get("recommended") is False else "", "sha": (f.get("sha256") or "")[:12]} for f in files]
 
 
 def run_year(manifest: dict) -> int:
@@ -326,6 +328,10 @@ def card_context(kind: str, recipe, manifest: dict, results: dict, data: ModelCa
         "training": training_rows(recipe, res["train"], res["merge"], kind), "data": data_table,
         "evals": eval_rows(kind, results), "eval_failures": eval_failures(results), "eval_note": eval_note(results),
         "samples": sample_rows(kind, results), "quants": quant_rows(files),
+        "quant_ppl_note": {"assistant": " (on the assistant-turn tokens, as in training and the merged card)",
+                           "all": " (on every token)"}.get((res["gguf"].get("held_out") or {}).get("tokens_scored"), ""),
+        "not_recommended": ", ".join(f"`{Path(f['file']).name}`" for f in files if f.get("recommended") is False),
+        "not_recommended_count": sum(f.get("recommended") is False for f in files),
         "default_gguf": default_gguf, "default_quant": default_gguf.removeprefix(f"{recipe.name}-").removesuffix(".gguf"),
         "lora_gguf": Path(lora["file"]).name if isinstance(lora, dict) and lora.get("file") else None,
         # publish puts the training tokenizer + chat template beside the adapter (and in the merged repo)

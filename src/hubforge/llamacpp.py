@@ -175,17 +175,20 @@ def logits(llm, ids: list[int]):
     return np.array(llm.scores[: len(ids)], dtype=np.float64)
 
 
-def perplexity(llm, sequences: list[list[int]]) -> float:
-    """exp(mean next-token NLL) over token-id sequences, from llama.cpp's own logits (needs logits_all=True)."""
+def perplexity(llm, sequences: list[list[int]], masks: list[list[int]] | None = None) -> float:
+    """exp(mean next-token NLL) over token-id sequences, from llama.cpp's own logits (needs logits_all=True);
+    with `masks`, only over the target tokens marked 1 (as hubforge.stages.merge.perplexity does for HF)."""
     import numpy as np
 
     nll, count = 0.0, 0
-    for ids in sequences:
+    for i, ids in enumerate(sequences):
         scores = logits(llm, ids)[:-1]
         peak = scores.max(axis=1, keepdims=True)
         logz = peak[:, 0] + np.log(np.exp(scores - peak).sum(axis=1))
-        nll += float((logz - scores[np.arange(len(scores)), ids[1 : len(scores) + 1]]).sum())
-        count += len(scores)
+        token_nll = logz - scores[np.arange(len(scores)), ids[1 : len(scores) + 1]]
+        scored = np.ones(len(scores), bool) if masks is None else np.asarray(masks[i][1 : len(scores) + 1], bool)
+        nll += float(token_nll[scored].sum())
+        count += int(scored.sum())
     return float(np.exp(nll / max(count, 1)))
 
 

@@ -11,7 +11,9 @@ export.gguf.lora also `<name>-LoRA-F16.gguf`, and `quality.json`: the quant qual
    runs, plus BOS/EOS ids and the chat template; any difference stops the stage. 4. Quantize with llama.cpp's
    quantizer. 5. Load every file in llama.cpp: greedy agreement with the merged HF model (float32 compute), where
    the full-precision file must agree exactly on the first tokens of every prompt; perplexity on held-out rows from
-   llama.cpp's logits; tokens/s. 6. LoRA-GGUF: base f16 GGUF + adapter must give the merged f16's greedy text.
+   llama.cpp's logits, over the tokens training scored (assistant turns for chat recipes with assistant-only loss,
+   so the full-precision file's number is the card's tuned perplexity); tokens/s. A file whose next-token choice
+   leaves the merged model's on most positions is published but marked not recommended. 6. LoRA-GGUF: base f16 GGUF + adapter must give the merged f16's greedy text.
 """
 from __future__ import annotations
 
@@ -42,7 +44,11 @@ PROBE_TEXTS = (
     " leading space and 2024-11-22 12:30",
 )
 PROMPTS = ("سلام! حالت چطور است؟", "Write one sentence about the sea.", "Merhaba, nasılsın?")
-MAX_NEW_TOKENS, EXACT_TOKENS, GGUF_PPL_ROWS = 16, 8, 8
+MAX_NEW_TOKENS, EXACT_TOKENS, GGUF_PPL_ROWS = 16, 8, 25
+# Below this share of teacher-forced positions with the merged model's next-token argmax, a quant is marked "not
+# recommended" in quality.json and the card. Measured on the embedded recipe (56 steps): Q8_0 0.95, Q6_K 0.86,
+# Q5_K_M 0.67, Q4_K_M 0.45, Q4_0 0.21 (Gemma 3 270M is unusually sensitive to weight quantization).
+MIN_TOP1_RECOMMENDED = 0.5
 # Mean KL(HF || llama.cpp) on the prompt tokens that the full-precision file may show. Measured: 1e-5 for Gemma 3
 # 270M f16 vs HF float32 on the same weights, 1.3e-4 when HF holds them in bf16; 6e-3 for a model llama.cpp
 # mis-converts (tiny Gemma 3 with query_pre_attn_scalar != head_dim), whose greedy text can still agree.
@@ -106,13 +112,15 @@ def export(recipe, run_dir) -> dict:
         seconds[qtype] = llamacpp.quantize(full, files[-1][1], qtype)
 
     # ---- every file loads, generates and is measured against the merged HF model
-    ppl_ids, held_out = held_out_ids(run_dir, tokenizer, template, min(GGUF_PPL_ROWS, recipe.eval.max_samples))
+    ppl_ids, ppl_masks, held_out = scored_held_out(recipe, run_dir, tokenizer, template,
+                                                   min(GGUF_PPL_ROWS, recipe.eval.max_samples))
     prompts = [prompt_ids(tokenizer, p) for p in (recipe.eval.prompts or PROMPTS)[:3]]
     stop = stop_ids(model_dir)
-    reference = hf_reference(model_dir, prompts, ppl_ids, stop)
-    rows = [measure(path, qtype, prompts, ppl_ids, reference, stop, run_dir) for qtype, path in files]
+    reference = hf_reference(model_dir, prompts, ppl_ids, ppl_masks, stop)
+    rows = [measure(path, qtype, prompts, (ppl_ids, ppl_masks), reference, stop, run_dir) for qtype, path in files]
     for row in rows:
         row["delta_ppl_vs_f16"] = round(row["perplexity"] - rows[0]["perplexity"], 6)
+        row["recommended"] = row is rows[0] or row["top1_agreement_vs_hf"] >= MIN_TOP1_RECOMMENDED
     exact = rows[0]["exact_prefix_ok"]
     if not all(exact) or rows[0]["kl_vs_hf"] > MAX_MEAN_KL:
         bad = exact.index(False) if not all(exact) else 0
@@ -128,12 +136,14 @@ def export(recipe, run_dir) -> dict:
     quality = {"model": recipe.name, "architecture": arch, "held_out": held_out, "max_new_tokens": MAX_NEW_TOKENS,
                "reference": {"model": "merged HF checkpoint, float32 compute", "perplexity": reference["perplexity"]},
                "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION, "threads": os.cpu_count(),
-               "columns": {"kl_vs_hf": "mean KL(merged HF || GGUF) on the prompt tokens",
+               "columns": {"perplexity": f"exp(mean NLL) on the held-out {held_out['tokens_scored']} tokens, llama.cpp's logits",
+                           "kl_vs_hf": "mean KL(merged HF || GGUF) on the prompt tokens",
                            "top1_agreement_vs_hf": "share of prompt positions with the same next-token argmax",
-                           "greedy_agreement": f"share of the HF greedy continuation (<= {MAX_NEW_TOKENS} tokens) reproduced"},
+                           "greedy_agreement": f"share of the HF greedy continuation (<= {MAX_NEW_TOKENS} tokens) reproduced",
+                           "recommended": f"top1_agreement_vs_hf >= {MIN_TOP1_RECOMMENDED} (always for the full-precision file)"},
                "files": [{k: v for k, v in r.items() if k not in ("greedy", "exact_prefix_ok")} for r in rows]}
     (out / "quality.json").write_text(json.dumps(quality, indent=2, ensure_ascii=False), "utf-8")
-    return {"files": quality["files"], "quality": "gguf/quality.json", "tokenizer_probe": probe, "lora_gguf": lora,
+    return {"files": quality["files"], "quality": "gguf/quality.json", "held_out": held_out, "tokenizer_probe": probe, "lora_gguf": lora,
             "outtype": cfg.outtype, "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "converter": f"llama.cpp from the llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION} sdist"}
 
@@ -196,7 +206,26 @@ def stop_ids(model_dir: Path) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
-def hf_reference(model_dir: Path, prompts: list[list[int]], ppl_ids: list[list[int]], stop: set[int]) -> dict:
+def scored_held_out(recipe, run_dir, tokenizer, template, limit: int) -> tuple[list[list[int]], list[list[int]], dict]:
+    """Held-out token ids and 0/1 masks of the tokens perplexity scores, by the evaluate stage's rule: assistant turns
+    when the recipe trains on them only, else every token; a few fixed texts when the run has no held-out rows."""
+    from hubforge.stages.evaluate import encode_for_loss, scoring_template
+
+    path = run_dir.path / "data" / "eval.jsonl"
+    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()][:limit] if path.is_file() else []
+    marked, scored = scoring_template(tokenizer, recipe)
+    encoded = [encode_for_loss(tokenizer, chat.for_template(r, template), marked, PPL_TOKENS) for r in rows]
+    encoded = [(ids, mask) for ids, mask in encoded if sum(mask[1:])]
+    if encoded:
+        return [ids for ids, _ in encoded], [mask for _, mask in encoded], {
+            "source": "data/eval.jsonl", "rows": len(encoded), "tokens": sum(len(ids) for ids, _ in encoded),
+            "tokens_scored": scored, "scored_tokens": sum(sum(mask[1:]) for _, mask in encoded)}
+    ids, info = held_out_ids(run_dir, tokenizer, template, limit)
+    return ids, [[1] * len(i) for i in ids], {**info, "tokens_scored": "all", "scored_tokens": sum(len(i) - 1 for i in ids)}
+
+
+def hf_reference(model_dir: Path, prompts: list[list[int]], ppl_ids: list[list[int]], ppl_masks: list[list[int]],
+                 stop: set[int]) -> dict:
     """Greedy tokens and held-out perplexity of the merged checkpoint in float32 (what the GGUFs are held to)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -209,13 +238,13 @@ def hf_reference(model_dir: Path, prompts: list[list[int]], ppl_ids: list[list[i
             out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
             greedy.append(out[: next((i + 1 for i, t in enumerate(out) if t in stop), len(out))])
-    return {"greedy": greedy, "logprobs": logprobs, "perplexity": perplexity(model, [ids[:PPL_TOKENS] for ids in ppl_ids])}
+    return {"greedy": greedy, "logprobs": logprobs, "perplexity": perplexity(model, ppl_ids, ppl_masks)}
 
 
-def measure(path: Path, qtype: str, prompts, ppl_ids, reference: dict, stop: set[int], run_dir) -> dict:
+def measure(path: Path, qtype: str, prompts, held_out: tuple, reference: dict, stop: set[int], run_dir) -> dict:
     """One row of the quality table: the file loads in llama.cpp, generates, and how close it stays to the HF model."""
     with closing(llamacpp.load(path, n_ctx=PPL_TOKENS, logits_all=True)) as llm:
-        ppl = llamacpp.perplexity(llm, ppl_ids)
+        ppl = llamacpp.perplexity(llm, *held_out)
         kl, top1 = teacher_forced(reference["logprobs"], [llamacpp.logits(llm, ids) for ids in prompts])
     with closing(llamacpp.load(path, n_ctx=512)) as llm:
         stats = llamacpp.model_stats(llm)

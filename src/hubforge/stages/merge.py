@@ -222,15 +222,19 @@ def logits(model, sequences: list[list[int]]) -> list:
         return [model(torch.tensor([ids])).logits[0].float() for ids in sequences]
 
 
-def perplexity(model, sequences: list[list[int]]) -> float:
+def perplexity(model, sequences: list[list[int]], masks: list[list[int]] | None = None) -> float:
+    """exp(mean next-token NLL); with `masks`, only over the tokens marked 1 (e.g. assistant turns, as in training)."""
     import torch
 
     nll, count = 0.0, 0
     with torch.inference_mode():
-        for ids in sequences:
+        for i, ids in enumerate(sequences):
             x = torch.tensor([ids])
-            nll += float(model(x, labels=x).loss) * (len(ids) - 1)
-            count += len(ids) - 1
+            labels = x if masks is None else x.masked_fill(torch.tensor([masks[i]]) == 0, -100)
+            scored = int((labels[0, 1:] != -100).sum())
+            if scored:
+                nll += float(model(x, labels=labels).loss) * scored
+                count += scored
     return round(math.exp(nll / count), 6)
 
 
