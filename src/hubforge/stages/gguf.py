@@ -13,7 +13,8 @@ export.gguf.lora also `<name>-LoRA-F16.gguf`, and `quality.json`: the quant qual
    the full-precision file must agree exactly on the first tokens of every prompt; perplexity on held-out rows from
    llama.cpp's logits, over the tokens training scored (assistant turns for chat recipes with assistant-only loss,
    so the full-precision file's number is the card's tuned perplexity); tokens/s. A file whose next-token choice
-   leaves the merged model's on most positions is published but marked not recommended. 6. LoRA-GGUF: base f16 GGUF + adapter must give the merged f16's greedy text.
+   leaves the merged model's on most positions is published but marked not recommended. 6. LoRA-GGUF: base f16
+   GGUF + adapter must give the merged f16's greedy text.
 """
 from __future__ import annotations
 
@@ -136,15 +137,15 @@ def export(recipe, run_dir) -> dict:
     quality = {"model": recipe.name, "architecture": arch, "held_out": held_out, "max_new_tokens": MAX_NEW_TOKENS,
                "reference": {"model": "merged HF checkpoint, float32 compute", "perplexity": reference["perplexity"]},
                "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION, "threads": os.cpu_count(),
-               "columns": {"perplexity": f"exp(mean NLL) on the held-out {held_out['tokens_scored']} tokens, llama.cpp's logits",
+               "columns": {"perplexity": f"exp(mean NLL) on the held-out {held_out['tokens_scored']} tokens (llama.cpp)",
                            "kl_vs_hf": "mean KL(merged HF || GGUF) on the prompt tokens",
                            "top1_agreement_vs_hf": "share of prompt positions with the same next-token argmax",
                            "greedy_agreement": f"share of the HF greedy continuation (<= {MAX_NEW_TOKENS} tokens) reproduced",
                            "recommended": f"top1_agreement_vs_hf >= {MIN_TOP1_RECOMMENDED} (always for the full-precision file)"},
                "files": [{k: v for k, v in r.items() if k not in ("greedy", "exact_prefix_ok")} for r in rows]}
     (out / "quality.json").write_text(json.dumps(quality, indent=2, ensure_ascii=False), "utf-8")
-    return {"files": quality["files"], "quality": "gguf/quality.json", "held_out": held_out, "tokenizer_probe": probe, "lora_gguf": lora,
-            "outtype": cfg.outtype, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    return {"files": quality["files"], "quality": "gguf/quality.json", "held_out": held_out, "tokenizer_probe": probe,
+            "lora_gguf": lora, "outtype": cfg.outtype, "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "converter": f"llama.cpp from the llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION} sdist"}
 
 
