@@ -10,6 +10,12 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
 LLAMA_CPP_DIR ?= .cache/llama.cpp
+# llama.cpp is compiled for any x86-64 with AVX2, not for the build machine (-march=native): a native build on a CPU
+# that advertises AMX inside a VM that does not enable it dies with SIGILL (`tilezero` in libggml-cpu) the first time
+# a quantized file is evaluated, and a wheel built on one machine must run on the next. pip's wheel cache ignores
+# CMAKE_ARGS, so the wheel is built once per version and flags into a folder of our own and installed from there.
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+LLAMA_WHEELS ?= $(HOME)/.cache/hubforge/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)$(subst $() ,,$(LLAMA_CPP_CMAKE_ARGS))
 RECIPE ?= recipes/gemma-3-270m/persian-chat-lora.yaml
 TIERS ?= unit or integration or hub or slow or browser
 
@@ -17,13 +23,17 @@ TIERS ?= unit or integration or hub or slow or browser
 
 install: $(VENV)/.installed llama-cpp-scripts
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and by exact version: an unpinned torch resolves to a multi-GB CUDA build on CPU machines.
 	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	# llama-cpp-python compiles llama.cpp from source (~5 min on 2 cores); pip caches the wheel afterwards.
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e '.[test]'
+	# llama-cpp-python compiles llama.cpp from source (~5 min on 2 cores) once per machine (see LLAMA_CPP_CMAKE_ARGS).
+	test -n "$$(ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl 2>/dev/null)" || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
+	    CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(LLAMA_WHEELS) \
+	    llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	$(BIN)/pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 # llama.cpp's own converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py and their gguf-py), taken from the

@@ -35,7 +35,9 @@ def test_embedded_lora_merges_and_exports_verified(tmp_path, persian_chat_file):
 
     assert result["tokenizer_probe"]["ok"], result["tokenizer_probe"]["problems"]
     files = {row["type"]: row for row in result["files"]}
-    assert files["F16"]["greedy_agreement"] == 1.0 and files["F16"]["kl_vs_hf"] < gguf.MAX_MEAN_KL
+    assert files["F16"]["decisive_agreement"] == 1.0 and files["F16"]["kl_vs_hf"] < gguf.MAX_MEAN_KL
+    assert all(d["tie"] for d in files["F16"]["greedy_divergences"])
+    assert files["F16"]["margin_noise_max"] < gguf.TIE_MARGIN / 2  # the tie margin stays well above rounding noise
     assert files["Q8_0"]["bits_per_weight"] > files["Q4_K_M"]["bits_per_weight"]
     assert all(row["tokens_per_s"] > 0 for row in files.values())
     assert result["lora_gguf"]["kl_vs_merged"] < result["lora_gguf"]["kl_limit"] and result["lora_gguf"]["top1_agreement_vs_merged"] > 0.9

@@ -124,3 +124,46 @@ def test_agreement_measures():
     assert same[0] == pytest.approx(0, abs=1e-12) and same[1] == 1.0
     flipped = teacher_forced([logits.log_softmax(-1)], [np.array([[0.0, 2.0, -1.0], [0.0, 3.0, 0.0]])])
     assert flipped[0] > 0.1 and flipped[1] == 0.5
+
+
+def logit_rows(*rows):
+    """(steps, vocab) logits with the given per-step values for tokens 0..len(row)-1 and -50 elsewhere."""
+    import numpy as np
+
+    out = np.full((len(rows), 8), -50.0)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def test_greedy_check_lets_a_divergence_at_a_near_tie_pass():
+    from hubforge.stages import gguf
+
+    prompt = [5]  # one prompt token: row 0 predicts generated step 0
+    ref = logit_rows([3, 0], [1.0, 1.0 + gguf.TIE_MARGIN / 2], [4, 0], [0, 0])[:3]  # HF takes 0, then 1 by a hair, then 0
+    got = logit_rows([3, 0], [1.0 + gguf.TIE_MARGIN / 2, 1.0], [4, 0])  # the GGUF takes 0 at the tie
+    check = gguf.greedy_check([prompt], [[0, 1, 0]], [ref], [[0, 0, 2]], [got])
+    assert check["greedy_divergences"] == [{"prompt": 1, "position": 1, "hf_margin": gguf.TIE_MARGIN / 2, "tie": True}]
+    assert check["decisive_agreement"] == 1.0  # the two decided steps agree when fed HF's tokens
+
+
+def test_greedy_check_refuses_a_divergence_where_the_reference_was_decided():
+    from hubforge.stages import gguf
+
+    ref = logit_rows([3, 0], [0, 2.0], [4, 0])
+    got = logit_rows([3, 0], [2.0, 0], [4, 0])
+    check = gguf.greedy_check([[5]], [[0, 1, 0]], [ref], [[0, 0, 0]], [got])
+    assert check["greedy_divergences"] == [{"prompt": 1, "position": 1, "hf_margin": 2.0, "tie": False}]
+    assert check["decisive_agreement"] == round(2 / 3, 4)
+
+
+def test_greedy_check_sees_a_wrong_decided_step_after_a_tie_through_teacher_forcing():
+    from hubforge.stages import gguf
+
+    # free-running decoding parted at the tie in step 0 and never reached step 2, where the GGUF is wrong
+    ref = logit_rows([1.0, 1.0 + gguf.TIE_MARGIN / 5], [3, 0], [0, 3])
+    got = logit_rows([1.0 + gguf.TIE_MARGIN / 5, 1.0], [3, 0], [3, 0])
+    check = gguf.greedy_check([[5]], [[1, 0, 1]], [ref], [[0, 4, 4]], [got])
+    assert [d["tie"] for d in check["greedy_divergences"]] == [True, False]
+    assert check["greedy_divergences"][1] == {"prompt": 1, "position": 2, "hf_margin": 3.0, "tie": False, "teacher_forced": True}
+    assert check["margin_noise_max"] == 6.0
