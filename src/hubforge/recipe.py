@@ -581,7 +581,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), root: Path | None =
     if not text.strip():
         raise RecipeError(source, [f"{source}: the file is empty; a recipe is a YAML mapping with at least name, base, data and method"])
     try:
-        node, raw = safeyaml.load(text, _Loader, max_alias_cost=0)  # aliases refused while composing, before any expansion
+        node, raw = safeyaml.load(text, _Loader, max_alias_cost=0)  # aliases refused before anything is built
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         pos = f"{mark.line + 1}:{mark.column + 1}" if mark else ""

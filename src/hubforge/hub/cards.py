@@ -54,7 +54,8 @@ def front_matter(text: str) -> dict | None:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" at line {mark.line + 1 + offset}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or "invalid YAML"
-        what = "README front matter" if isinstance(exc, safeyaml.BoundedYAMLError) else "Invalid YAML in README front matter"
+        what = ("README front matter" if isinstance(exc, safeyaml.BoundedYAMLError)
+                else "Invalid YAML in README front matter")
         raise ValueError(f"{what}{where}: {problem}") from None
     if data is None:
         return {}

@@ -3,7 +3,7 @@
 Stdlib only (`ThreadingHTTPServer`, one thread per connection, HTTP/1.1 keep-alive). Every answer has a
 Content-Length, HEAD answers carry no body, unread request bodies are drained (or the connection is closed), and
 client mistakes are 4xx with the Hub's `X-Error-Code` / `X-Error-Message` headers; a 5xx would make the client
-retry five times with back-off, so it only ever signals a bug here.
+retry five times with back-off, so it only ever signals a bug here. What each route implements: PROTOCOL.md.
 
     from hubforge.hub import serve
     with serve(Path("hub-data")) as hub:      # http://127.0.0.1:<free port>
