@@ -157,7 +157,8 @@ def lfs_batch(req: Request, prefix: str | None, ns: str, name: str) -> Reply:
     for o in objects:
         oid, size = (o.get("oid"), o.get("size")) if isinstance(o, dict) else (None, None)
         if not isinstance(oid, str) or not HEX64.match(oid) or type(size) is not int or size < 0:
-            out.append({"oid": str(oid), "size": 0, "error": {"code": 422, "message": "Invalid oid or size"}})
+            out.append({"oid": oid[:100] if isinstance(oid, str) else "", "size": 0,
+                        "error": {"code": 422, "message": "Invalid oid or size"}})
         elif size > req.hub.limits.max_file_bytes:
             out.append({"oid": oid, "size": size, "error": {"code": 413, "message": "Object too large"}})
         elif op == "upload":

@@ -49,26 +49,31 @@ GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in L
 GITATTRIBUTES += "*tfevents* filter=lfs diff=lfs merge=lfs -text\n"
 
 
+def shown(value) -> str:
+    """A client's value for an error message: short, and never the repr of a deep structure (RecursionError)."""
+    return repr(value[:100]) if isinstance(value, str) else f"a {type(value).__name__}"
+
+
 def check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name or name.endswith(".git"):
-        raise bad_request(f"Invalid {what}: {name!r}")
+        raise bad_request(f"Invalid {what}: {shown(name)}")
     return name
 
 
 def check_ref(name: str) -> str:
     if (not isinstance(name, str) or not _REF.match(name) or ".." in name or "//" in name
             or name.endswith(("/", ".lock")) or HEX40.match(name)):
-        raise bad_request(f"Invalid branch or tag name: {name!r}")
+        raise bad_request(f"Invalid branch or tag name: {shown(name)}")
     return name
 
 
 def check_path(path: str) -> str:
     """A file path inside a repo: relative, normalised, not touching .git."""
     if not isinstance(path, str) or not 0 < len(path) <= 1024 or "\0" in path or "\\" in path:
-        raise bad_request(f"Invalid path in repo: {path!r}")
+        raise bad_request(f"Invalid path in repo: {shown(path)}")
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts) or parts[0] == ".git":
-        raise bad_request(f"Invalid path in repo: {path!r}")
+        raise bad_request(f"Invalid path in repo: {shown(path)}")
     return path
 
 
