@@ -27,6 +27,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from hubforge import safeyaml
+
 EMBEDDED_BASES = ("embedded:gemma-3-270m",)
 METHOD_SECTIONS = {"lora": ("lora", "qlora"), "quantization": ("qlora",), "prompt_tuning": ("prompt_tuning",),
                    "p_tuning": ("p_tuning",), "full": ("full",)}
@@ -579,8 +581,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), root: Path | None =
     if not text.strip():
         raise RecipeError(source, [f"{source}: the file is empty; a recipe is a YAML mapping with at least name, base, data and method"])
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        raw = yaml.load(text, Loader=_Loader)
+        node, raw = safeyaml.load(text, _Loader, max_alias_cost=0)  # aliases refused before anything is built
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         pos = f"{mark.line + 1}:{mark.column + 1}" if mark else ""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import signal
@@ -17,6 +16,8 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
+from hubnet import raw_request as _raw  # tests/fixtures
+
 from hubforge.hub import Limits, serve
 
 pytestmark = pytest.mark.hub
@@ -24,15 +25,6 @@ pytestmark = pytest.mark.hub
 
 def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def _raw(port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request(method, path, body=body, headers=headers or {})
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, dict(r.getheaders()), data
 
 
 def test_private_repo_is_invisible_without_the_right_token(api, hub, cache_dir):

@@ -10,6 +10,7 @@ Run it:   hubforge hub serve --data-dir hub-data --port 8088     (or: python -m 
 In code:  with serve(Path("hub-data")) as hub: ...                (hub.endpoint, hub.token_path, hub.create_user)
 
 Not supported: Xet storage, pull requests / discussions, gated repos, repo moves.
+What the server implements of the Hub's HTTP protocol, and why each detail matters to the client: PROTOCOL.md here.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .server import Limits, LocalHub
+from .server import HubStartError, Limits, LocalHub
 
-__all__ = ["LocalHub", "Limits", "serve", "cli_serve"]
+__all__ = ["LocalHub", "Limits", "HubStartError", "serve", "cli_serve"]
 
 
 def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 0, *, limits: Limits | None = None) -> LocalHub:
@@ -31,9 +32,14 @@ def cli_serve(data_dir: Path, host: str = "127.0.0.1", port: int = 8088) -> None
     """Serve in the foreground until Ctrl-C, printing the endpoint and (on a terminal only) the default token.
 
     This is the one place a token is ever shown: it is printed only when stdout is a terminal, never to a log
-    or a pipe; otherwise read it from `<data_dir>/token` (mode 0600).
+    or a pipe; otherwise read it from `<data_dir>/token` (mode 0600). A server that cannot start (port in use,
+    data dir held by another server) prints one line to stderr and exits with status 1.
     """
-    hub = serve(Path(data_dir), host, port)
+    try:
+        hub = serve(Path(data_dir), host, port)
+    except HubStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"Local Hub serving {hub.data_dir}")
     print(f"HF_ENDPOINT={hub.endpoint}")
     print("HF_HUB_DISABLE_XET=1   (set both before importing huggingface_hub)")

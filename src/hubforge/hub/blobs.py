@@ -4,6 +4,12 @@ Blobs live in `<data_dir>/blobs/ab/<sha256>` and are immutable. An upload stream
 chunks while its sha256 (and git blob sha1) are computed, is fsynced, verified, and only then renamed into
 place, so a dropped connection or a crash never leaves a partial blob under a real name. JSON state files are
 replaced the same way (temp file + fsync + rename + fsync of the folder).
+
+Blobs are shared between repos and removed only by `collect` (garbage collection), which keeps everything the
+caller says is referenced plus every *pinned* blob. A request that stores blobs pins them (`with store.pinned()
+as pins`) from the moment they are renamed into place until its commit record (which references them) is
+written; pinning and renaming happen under the same lock as collection, so a commit racing a collection either
+finishes its rename before the collection looks (and is pinned) or after it (and writes a fresh file).
 """
 from __future__ import annotations
 
@@ -12,6 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+from collections import Counter
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -74,6 +83,30 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)  # leftovers of uploads cut short by a crash
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._gc_lock = threading.Lock()
+        self._pins: Counter = Counter()
+
+    @contextmanager
+    def pinned(self):
+        """A list that `put_*` calls append their digests to; those blobs survive collection until the block ends."""
+        pins: list[str] = []
+        try:
+            yield pins
+        finally:
+            with self._gc_lock:
+                self._pins.subtract(pins)
+                self._pins = +self._pins  # drop zero counts
+
+    def collect(self, referenced) -> int:
+        """Remove every blob not in `referenced()` (called with the lock held) and not pinned; returns how many."""
+        removed = 0
+        with self._gc_lock:
+            keep = set(referenced()) | set(self._pins)
+            for path in self.root.glob("??/*"):
+                if path.name not in keep:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
@@ -84,18 +117,20 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    def put_bytes(self, data: bytes) -> dict:
+    def put_bytes(self, data: bytes, pins: list[str]) -> dict:
         pos = 0
 
         def read(n: int) -> bytes:
             nonlocal pos
             pos += n
             return data[pos - n:pos]
-        return self.put_stream(read, len(data))
+        return self.put_stream(read, len(data), pins)
 
-    def put_stream(self, read: Callable[[int], bytes], size: int, expect_sha256: str | None = None,
+    def put_stream(self, read: Callable[[int], bytes], size: int, pins: list[str], expect_sha256: str | None = None,
                    on_chunk: Callable[[int], None] | None = None, git_oid: bool = True) -> dict:
         """Copy exactly `size` bytes from `read` into the store; returns a tree entry for a regular file.
+
+        The blob is pinned (its digest appended to `pins`, from `pinned()`) before it becomes visible.
 
         The sha256 and the git blob oid are computed while streaming; with `expect_sha256` a mismatch is a 400 and
         nothing is kept. A short read (client gone) raises ClientGone and removes the partial file.
@@ -123,12 +158,15 @@ class BlobStore:
             if expect_sha256 is not None and digest != expect_sha256:
                 raise bad_request(f"Content does not match its oid: expected sha256 {expect_sha256}, got {digest}")
             final = self.path(digest)
-            if final.exists():
-                os.unlink(tmp)
-            else:
-                final.parent.mkdir(exist_ok=True)
-                os.replace(tmp, final)
-                fsync_dir(final.parent)
+            with self._gc_lock:
+                self._pins[digest] += 1
+                pins.append(digest)
+                if final.exists():
+                    os.unlink(tmp)
+                else:
+                    final.parent.mkdir(exist_ok=True)
+                    os.replace(tmp, final)
+                    fsync_dir(final.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -3,6 +3,11 @@
 Route functions are `fn(req, **path_params) -> Reply`; they raise `HubError` for anything the client got wrong.
 Access checks live here so every route applies the same rules: a repo the caller may not read is reported as
 missing (RepoNotFound), never as forbidden, so private repo names do not leak.
+
+Bodies are bounded by the route's kind before the route runs (`Request.bound`): JSON routes read theirs whole,
+at most `max_json_bytes`, before any token is looked at; commits and LFS uploads stream theirs within their own
+limits. JSON fields are read through `field`, which checks each one's type, so a client mistake is a 400 naming
+the field and never a 500 (which the client would retry five times).
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from .httpio import Body
 from .storage import check_name
 
 PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+NO_BODY_BYTES = 64 * 1024  # routes that take no body still drain a small one (keep-alive), but no more
+_MISSING = object()
 PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
 
 
@@ -41,8 +48,18 @@ class Request:
         self.path, _, qs = handler.path.partition("?")
         self.query = parse_qs(qs, keep_blank_values=True)
         self.headers = handler.headers
-        self.body = Body(handler.rfile, handler.headers, hub.limits.max_file_bytes)
+        self.body = Body(handler.rfile, handler.headers, NO_BODY_BYTES)
+        self.content = b""  # the whole body of a JSON route, read by `bound`
         self._identity: Identity | None | bool = False
+
+    def bound(self, kind: str) -> None:
+        """Set the body limit for the route's kind ("none", "json", "commit", "file"); read JSON bodies now."""
+        limits = self.hub.limits
+        self.body.limit = {"none": NO_BODY_BYTES, "json": limits.max_json_bytes, "commit": limits.max_commit_bytes,
+                           "file": limits.max_file_bytes}[kind]
+        self.body.check_limit()
+        if kind in ("none", "json"):
+            self.content = self.body.read_all(self.body.limit)
 
     @property
     def identity(self) -> Identity | None:
@@ -57,12 +74,13 @@ class Request:
     def flag(self, name: str) -> bool:
         return (self.arg(name) or "").lower() in ("1", "true", "yes")
 
-    def json(self, max_len: int | None = None):
-        raw = self.body.read_all(max_len or self.hub.limits.max_json_bytes)
+    def json(self):
         try:
-            return json.loads(raw or b"{}")
+            return json.loads(self.content or b"{}")
         except (ValueError, UnicodeDecodeError):
             raise bad_request("Malformed JSON body") from None
+        except RecursionError:
+            raise bad_request("JSON body nested too deeply") from None
 
     def json_object(self) -> dict:
         data = self.json()
@@ -97,3 +115,20 @@ class Request:
         if self.identity is None:
             raise HubError(401, "You must be authenticated (Authorization: Bearer <token>)")
         return self.identity
+
+
+def field(body: dict, key: str, kind: type | tuple, *, required: bool = False, choices=None, default=None):
+    """`body[key]` checked against `kind` (bool is not an int here) and `choices`; None/absent gives `default`."""
+    value = body.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise bad_request(f"`{key}` is required")
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join({str: "a string", bool: "true or false", int: "an integer", list: "a list",
+                             dict: "an object"}[k] for k in kinds)
+        raise bad_request(f"`{key}` must be {names}, not {type(value).__name__}")
+    if choices is not None and value not in choices:
+        raise bad_request(f"`{key}` must be one of {', '.join(map(repr, choices))}, not {str(value)[:40]!r}")
+    return value

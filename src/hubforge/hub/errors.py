@@ -1,7 +1,7 @@
 """Errors the local Hub answers with, shaped like the real Hub's.
 
 `huggingface_hub` maps a failed response to an exception class by the `X-Error-Code` header first and the
-status second (see shared/reference/hub-http-api.md §1). On an `http://` endpoint a bare 401/404 is *not*
+status second (see PROTOCOL.md §1, beside this file). On an `http://` endpoint a bare 401/404 is *not*
 recognised as "repository not found", so every not-found answer carries its code.
 Messages never contain tokens: they are built from repo ids, paths and revisions only.
 """

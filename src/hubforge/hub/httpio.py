@@ -1,8 +1,11 @@
 """HTTP plumbing for the local Hub: bounded request bodies, `Range` headers and presigned URLs.
 
 Bodies are read incrementally (Content-Length or chunked) so an upload of any size uses a fixed amount of
-memory; a body that ends early raises ClientGone. Unread bodies are drained after the answer is chosen, because
-the client (httpx2) reuses keep-alive connections and would otherwise read our leftover bytes as a response.
+memory; a body that ends early raises ClientGone. Every body has a hard limit set from the route before the route
+runs (so before any token is looked at): a declared length over it is a 413 at once, a chunked body is cut at it.
+Chunk framing is parsed strictly (hex size of at most 16 digits, CRLF after the data, few trailers); anything else
+is a 400. Unread bodies are drained after the answer is chosen, because the client (httpx2) reuses keep-alive
+connections and would otherwise read our leftover bytes as a response.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ import time
 from .errors import ClientGone, HubError, bad_request, too_large
 
 READ_PIECE = 64 * 1024
+MAX_CHUNK_LINE = 1024
+MAX_TRAILERS = 32
+_CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?\n$")
 
 
 class Body:
@@ -26,19 +32,19 @@ class Body:
         self._buf = b""
         self._chunk_left = 0
         self._done = False
-        te = (headers.get("Transfer-Encoding") or "").lower()
-        self.chunked = "chunked" in te
+        self.broken = False  # framing error or over the limit: the connection must close after the answer
+        te = (headers.get("Transfer-Encoding") or "").strip().lower()
+        if te not in ("", "chunked"):
+            self._done = True
+            raise bad_request(f"Unsupported Transfer-Encoding: {te[:40]!r} (only chunked)")
+        self.chunked = te == "chunked"
         self.length: int | None = None
         if not self.chunked:
-            raw = headers.get("Content-Length")
-            try:
-                self.length = int(raw) if raw is not None else 0
-            except ValueError:
-                self.length, self._done = 0, True
-                raise bad_request("Invalid Content-Length") from None
-            if self.length < 0:
+            raw = (headers.get("Content-Length") or "0").strip()
+            if not raw.isascii() or not raw.isdigit() or len(raw) > 20:  # int() would take "+5", "5_0", " -5"
                 self.length, self._done = 0, True
                 raise bad_request("Invalid Content-Length")
+            self.length = int(raw)
             self._done = self.length == 0
 
     @property
@@ -48,6 +54,7 @@ class Body:
     def check_limit(self, limit: int | None = None) -> None:
         limit = self.limit if limit is None else limit
         if self.length is not None and self.length > limit:
+            self.broken = True  # not worth draining: close after the answer
             raise too_large(f"Request body too large: {self.length} bytes (limit {limit})")
 
     def _raw(self, n: int) -> bytes:
@@ -62,28 +69,41 @@ class Body:
         except OSError as exc:  # timeouts, resets: the client is gone
             raise ClientGone(str(exc)) from None
 
+    def _line(self) -> bytes:
+        line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+        if len(line) > MAX_CHUNK_LINE:
+            self._malformed("chunk header line too long")
+        if not line.endswith(b"\n"):
+            raise ClientGone("connection closed in chunk header")
+        return line
+
+    def _malformed(self, why: str):
+        self._done = self.broken = True  # the framing is lost: nothing more can be read from this connection
+        raise bad_request(f"Malformed chunked body: {why}")
+
     def _raw_chunked(self, n: int) -> bytes:
         if self._done:
             return b""
         if self._chunk_left == 0:
-            line = self.rfile.readline(1024)
-            if not line.endswith(b"\n"):
-                raise ClientGone("connection closed in chunk header")
-            try:
-                self._chunk_left = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise bad_request("Malformed chunked body") from None
+            m = _CHUNK_SIZE.match(self._line())
+            if not m:
+                self._malformed("a chunk size is 1 to 16 hex digits")
+            self._chunk_left = int(m.group(1), 16)
+            if self.read_bytes + self._chunk_left > self.limit:
+                self._done = self.broken = True
+                raise too_large(f"Request body too large (limit {self.limit} bytes)")
             if self._chunk_left == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                self._done = True
-                return b""
+                for _ in range(MAX_TRAILERS):
+                    if self._line() in (b"\r\n", b"\n"):
+                        self._done = True
+                        return b""
+                self._malformed("too many trailer lines")
         data = self.rfile.read(min(n, self._chunk_left))
         if not data:
             raise ClientGone("connection closed mid-chunk")
         self._chunk_left -= len(data)
-        if self._chunk_left == 0:
-            self.rfile.readline(16)  # CRLF after the chunk
+        if self._chunk_left == 0 and self.rfile.readline(3) not in (b"\r\n", b"\n"):
+            self._malformed("no CRLF after a chunk's data")
         return data
 
     def read(self, n: int) -> bytes:
@@ -96,6 +116,7 @@ class Body:
         data = self._raw(n)
         self.read_bytes += len(data)
         if self.read_bytes > self.limit:
+            self.broken = True
             raise too_large(f"Request body too large (limit {self.limit} bytes)")
         if (self.length is not None and self.read_bytes >= self.length) or (self.chunked and not data):
             self._done = True
@@ -130,7 +151,12 @@ class Body:
         return b"".join(parts)
 
     def finish(self, drain_limit: int) -> bool:
-        """Discard what is left of the body; False when too much is left (the connection must then close)."""
+        """Discard what is left of the body; False when the connection must close (too much left, or broken).
+
+        A malformed chunked body raises its 400 here too: the request was not HTTP, whatever the route answered.
+        """
+        if self.broken:
+            return False
         if self._done and not self._buf:
             return True
         if self.length is not None and self.length - self.read_bytes > drain_limit:
@@ -141,7 +167,11 @@ class Body:
                 drained += len(piece)
                 if drained > drain_limit:
                     return False
-        except (ClientGone, HubError):
+        except ClientGone:
+            return False
+        except HubError as err:
+            if err.status == 400:
+                raise
             return False
         return True
 

@@ -4,7 +4,9 @@ Upload path (Xet disabled on the client): preupload decides `regular` (bytes inl
 `lfs` (batch -> presigned PUT of the raw bytes -> commit references the sha256). Preupload answers each existing
 file's oid, so the client itself skips unchanged files and, when nothing changed, the whole commit.
 Download path: /resolve answers regular files directly and LFS files with a 302 to a presigned `/_cdn/` URL on
-another origin (`localhost` <-> `127.0.0.1`), exactly like the Hub's CDN redirect, metadata on the 302.
+another origin (`localhost` <-> `127.0.0.1`), exactly like the Hub's CDN redirect, metadata on the 302. The URL
+names the repo and is signed with the repo's `uid`, so it stops working when the repo is deleted (or replaced by
+a new repo of the same name). Details and the client's side of each step: PROTOCOL.md.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import mimetypes
 from pathlib import PurePosixPath
 from urllib.parse import quote
 
-from .context import PLURAL, PREFIX, Reply, Request, json_reply
+from .cards import card_for_commit
+from .context import PLURAL, PREFIX, Reply, Request, field, json_reply
 from .errors import HubError, bad_request, entry_not_found, repo_not_found, too_large
 from .httpio import check_presigned, parse_range, presign_query
 from .storage import HEX40, HEX64, LFS_SUFFIXES, check_name, check_path, lfs_entry
@@ -36,15 +39,14 @@ def preupload(req: Request, kind: str, ns: str, name: str, rev: str) -> Reply:
     meta = req.repo(PLURAL[kind], ns, name, write=True)
     if req.flag("create_pr"):
         raise bad_request("Pull requests are not supported by the local Hub")
-    files = req.json_object().get("files")
-    if not isinstance(files, list):
-        raise bad_request("Expected {files: [{path, size, sample}]}")
+    files = field(req.json_object(), "files", list, required=True)
     head, tree = req.hub.storage.tree(meta["type"], meta["id"], rev)
     out = []
     for f in files:
-        if not isinstance(f, dict) or not isinstance(f.get("size"), int) or f["size"] < 0:
+        if not isinstance(f, dict) or type(f.get("size")) is not int or f["size"] < 0:
             raise bad_request("Each file needs a path, an integer size and a base64 sample")
         path = check_path(f.get("path"))
+        field(f, "sample", str)
         if f["size"] > req.hub.limits.max_file_bytes:
             raise too_large(f"{path}: {f['size']} bytes exceeds the limit of {req.hub.limits.max_file_bytes}")
         try:
@@ -61,7 +63,7 @@ def preupload(req: Request, kind: str, ns: str, name: str, rev: str) -> Reply:
     return json_reply({"files": out, "commitOid": head})
 
 
-def _commit_ops(req: Request, meta: dict) -> tuple[dict, list]:
+def _commit_ops(req: Request, meta: dict, pins: list) -> tuple[dict, list]:
     """Parse the NDJSON body line by line (one line in memory at a time), storing inline files as they come."""
     st, limits = req.hub.storage, req.hub.limits
     req.body.check_limit(limits.max_commit_bytes)
@@ -72,28 +74,26 @@ def _commit_ops(req: Request, meta: dict) -> tuple[dict, list]:
         try:
             obj = json.loads(line)
             key, value = obj["key"], obj["value"]
-            if not isinstance(value, dict):
+            if not isinstance(key, str) or not isinstance(value, dict):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
-            raise bad_request("Malformed commit line: expected {\"key\": ..., \"value\": {...}}") from None
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise bad_request("Malformed commit line: expected {\"key\": \"...\", \"value\": {...}}") from None
         if header is None:
             if key != "header":
                 raise bad_request("The first commit line must be the header")
-            header = value
+            header = {k: field(value, k, str) for k in ("summary", "description", "parentCommit")}
         elif key == "file":
             path = check_path(value.get("path"))
-            content = value.get("content")
-            if not isinstance(content, str):
-                raise bad_request(f"{path}: content must be a string")
+            content = field(value, "content", str, required=True)
+            encoding = field(value, "encoding", str, choices=("base64", "utf-8"), default="base64")
             try:
-                data = (base64.b64decode(content, validate=True) if value.get("encoding", "base64") == "base64"
-                        else content.encode("utf-8"))
+                data = base64.b64decode(content, validate=True) if encoding == "base64" else content.encode("utf-8")
             except (binascii.Error, UnicodeEncodeError):
-                raise bad_request(f"{path}: content is not valid base64") from None
-            ops.append(("add", path, st.blobs.put_bytes(data)))
+                raise bad_request(f"{path}: content is not valid {encoding}") from None
+            ops.append(("add", path, st.blobs.put_bytes(data, pins)))
             req.hub.stats.add("inline_bytes_received", len(data))
         elif key == "lfsFile":
-            path, oid, size = check_path(value.get("path")), value.get("oid"), value.get("size")
+            path, oid, size = check_path(value.get("path")), value.get("oid"), field(value, "size", int)
             if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not HEX64.match(oid):
                 raise bad_request(f"{path}: expected a sha256 oid")
             if not st.has_lfs(meta["type"], meta["id"], oid):
@@ -105,7 +105,7 @@ def _commit_ops(req: Request, meta: dict) -> tuple[dict, list]:
         elif key == "deletedFile":
             ops.append(("delete", check_path(value.get("path"))))
         elif key == "deletedFolder":
-            ops.append(("delete_folder", check_path(str(value.get("path", "")).strip("/"))))
+            ops.append(("delete_folder", check_path(field(value, "path", str, default="").strip("/"))))
         else:
             raise bad_request(f"Unknown commit operation: {key!r}")
     if header is None:
@@ -122,13 +122,14 @@ def commit(req: Request, kind: str, ns: str, name: str, rev: str) -> Reply:
     rev = rev.removeprefix("refs/heads/")
     if rev not in st.refs(meta["type"], meta["id"])["branches"]:
         raise bad_request(f"Commits can only be made on a branch, not on {rev!r}")
-    header, ops = _commit_ops(req, meta)
-    parent = header.get("parentCommit")
-    if parent is not None and not (isinstance(parent, str) and HEX40.match(parent)):
-        raise bad_request("parentCommit must be a 40-character commit id")
-    title = str(header.get("summary") or "").strip() or "Update files"
-    oid, created = st.commit(meta["type"], meta["id"], rev, ops, req.identity.name, title,
-                             str(header.get("description") or ""), parent)
+    with st.blobs.pinned() as pins:  # inline files stay until the commit record that references them is written
+        header, ops = _commit_ops(req, meta, pins)
+        parent = header["parentCommit"]
+        if parent is not None and not HEX40.match(parent):
+            raise bad_request("parentCommit must be a 40-character commit id")
+        title = (header["summary"] or "").strip() or "Update files"
+        oid, created = st.commit(meta["type"], meta["id"], rev, ops, req.identity.name, title,
+                                 header["description"] or "", parent, lambda e: card_for_commit(st.blobs, e))
     if created:
         req.hub.stats.add("commits_created", 1)
         if meta["type"] == "space" and rev == "main":
@@ -155,8 +156,9 @@ def lfs_batch(req: Request, prefix: str | None, ns: str, name: str) -> Reply:
     out = []
     for o in objects:
         oid, size = (o.get("oid"), o.get("size")) if isinstance(o, dict) else (None, None)
-        if not isinstance(oid, str) or not HEX64.match(oid) or not isinstance(size, int) or size < 0:
-            out.append({"oid": str(oid), "size": 0, "error": {"code": 422, "message": "Invalid oid or size"}})
+        if not isinstance(oid, str) or not HEX64.match(oid) or type(size) is not int or size < 0:
+            out.append({"oid": oid[:100] if isinstance(oid, str) else "", "size": 0,
+                        "error": {"code": 422, "message": "Invalid oid or size"}})
         elif size > req.hub.limits.max_file_bytes:
             out.append({"oid": oid, "size": size, "error": {"code": 413, "message": "Object too large"}})
         elif op == "upload":
@@ -170,7 +172,7 @@ def lfs_batch(req: Request, prefix: str | None, ns: str, name: str) -> Reply:
             out.append({"oid": oid, "size": size, "error": {"code": 404, "message": "Object does not exist"}})
         else:
             out.append({"oid": oid, "size": size,
-                        "actions": {"download": {"href": cdn_url(req, oid), "expires_in": URL_TTL}}})
+                        "actions": {"download": {"href": cdn_url(req, meta, oid), "expires_in": URL_TTL}}})
     return json_reply({"transfer": "basic", "objects": out, "hash_algo": "sha256"},
                       headers={"Content-Type": "application/vnd.git-lfs+json"})
 
@@ -185,20 +187,27 @@ def cdn_upload(req: Request, rtype: str, ns: str, name: str, oid: str) -> Reply:
         raise repo_not_found(f"{ns}/{name}", True)
     if req.body.declared is not None and req.body.declared != size:
         raise bad_request(f"Body is {req.body.declared} bytes but the object is {size} bytes")
-    st.blobs.put_stream(req.body.read, size, expect_sha256=oid,
-                        on_chunk=lambda n: req.hub.stats.add("lfs_bytes_received", n), git_oid=False)
-    st.mark_lfs(rtype, f"{ns}/{name}", oid)
+    with st.blobs.pinned() as pins:  # until the repo's marker references the object
+        st.blobs.put_stream(req.body.read, size, pins, expect_sha256=oid,
+                            on_chunk=lambda n: req.hub.stats.add("lfs_bytes_received", n), git_oid=False)
+        st.mark_lfs(rtype, f"{ns}/{name}", oid)
     return Reply(200, headers={"ETag": f'"{oid}"'})
 
 
-def cdn_url(req: Request, sha256: str) -> str:
+def cdn_url(req: Request, meta: dict, sha256: str) -> str:
     # Another origin than the API, like the Hub's CDN: the client must not follow the redirect during HEAD and
     # must drop the Authorization header on the GET.
     host = req.headers.get("Host") or req.hub.endpoint.split("://", 1)[1]
     hostname, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
     swapped = {"127.0.0.1": "localhost", "localhost": "127.0.0.1"}.get(hostname)
     origin = f"{swapped}:{port}" if swapped else host
-    return f"http://{origin}/_cdn/{sha256}?{presign_query(req.hub.secret, URL_TTL, 'GET', sha256)}"
+    rtype, repo_id = meta["type"], meta["id"]
+    query = presign_query(req.hub.secret, URL_TTL, "GET", rtype, repo_id, _uid(meta), sha256)
+    return f"http://{origin}/_cdn/{rtype}/{repo_id}/{sha256}?{query}"
+
+
+def _uid(meta: dict) -> str:
+    return meta.get("uid") or meta["createdAt"]  # repos created before uids existed
 
 
 def _file_reply(req: Request, sha256: str, size: int, headers: dict, filename: str) -> Reply:
@@ -214,9 +223,12 @@ def _file_reply(req: Request, sha256: str, size: int, headers: dict, filename: s
     return Reply(206, headers=headers, file=path, offset=start, length=end - start + 1)
 
 
-def cdn_download(req: Request, oid: str) -> Reply:
-    check_presigned(req.hub.secret, req.query, "GET", oid)
-    size = req.hub.storage.blobs.size(oid)
+def cdn_download(req: Request, rtype: str, ns: str, name: str, oid: str) -> Reply:
+    st = req.hub.storage
+    meta = st.meta(rtype, f"{check_name(ns)}/{check_name(name)}")
+    # A deleted repo's URLs die with it: the repo (and its uid, signed into the URL) must still be there.
+    check_presigned(req.hub.secret, req.query, "GET", rtype, f"{ns}/{name}", _uid(meta) if meta else "", oid)
+    size = st.blobs.size(oid) if meta and st.has_lfs(rtype, meta["id"], oid) else None
     if size is None:
         raise HubError(404, "Object not found")
     return _file_reply(req, oid, size, {"ETag": f'"{oid}"'}, oid)
@@ -230,7 +242,7 @@ def resolve(req: Request, prefix: str | None, ns: str, name: str, rev: str, path
         raise entry_not_found(path, oid)
     headers = {"X-Repo-Commit": oid, "ETag": f'"{entry["oid"]}"'}
     if entry["lfs"]:
-        headers.update({"Location": cdn_url(req, entry["sha256"]), "X-Linked-Etag": f'"{entry["sha256"]}"',
+        headers.update({"Location": cdn_url(req, meta, entry["sha256"]), "X-Linked-Etag": f'"{entry["sha256"]}"',
                         "X-Linked-Size": str(entry["size"])})
         return Reply(302, headers=headers)
     return _file_reply(req, entry["sha256"], entry["size"], headers, PurePosixPath(path).name)

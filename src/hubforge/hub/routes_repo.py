@@ -1,52 +1,21 @@
 """Routes about accounts, repos, refs and listings (everything except moving file bytes).
 
-Response shapes follow shared/reference/hub-http-api.md §2 and §4: only the keys `huggingface_hub` 2.4.0 reads
-are guaranteed; a few more (downloads, likes, usedStorage) make the objects look like the Hub's.
+Response shapes follow PROTOCOL.md (beside this file), sections 2 and 4: only the keys `huggingface_hub` 2.4.0
+reads are guaranteed; a few more (downloads, likes, usedStorage) make the objects look like the Hub's. Card
+metadata (`cardData`, tags) comes from what the commit stored (cards.py), never from parsing a README here.
 """
 from __future__ import annotations
 
 import hashlib
-import re
 
-import yaml
-
-from .context import PLURAL, PREFIX, Reply, Request, json_reply
+from .cards import front_matter, stored_card
+from .context import PLURAL, PREFIX, Reply, Request, field, json_reply
 from .errors import HubError, bad_request
 from .storage import check_name, lfs_pointer
 
 SDKS = ("gradio", "docker", "static", "streamlit")
-# Same front-matter pattern as huggingface_hub.repocard.REGEX_YAML_BLOCK.
-_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
-_card_cache: dict[str, dict | None] = {}
-
-
-def front_matter(text: str) -> dict | None:
-    """YAML front matter of a README as a dict, None if there is none; ValueError if it is not valid YAML."""
-    m = _YAML_BLOCK.search(text)
-    if not m:
-        return None
-    try:
-        data = yaml.safe_load(m.group(2))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"Invalid YAML in README front matter: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError("README front matter must be a YAML mapping")
-    return data
-
-
-def card_data(req: Request, tree: dict) -> dict | None:
-    entry = tree.get("README.md")
-    if entry is None or entry["size"] > 1 << 20:
-        return None
-    key = entry["sha256"]
-    if key not in _card_cache:
-        try:
-            _card_cache[key] = front_matter(req.hub.storage.blobs.path(key).read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            _card_cache[key] = None
-    return _card_cache[key]
+REPO_TYPES = tuple(PREFIX)
+VISIBILITIES = ("private", "public", "protected")
 
 
 def _tags(card: dict | None, meta: dict) -> list[str]:
@@ -72,7 +41,7 @@ def info_dict(req: Request, meta: dict, rev: str = "main", full: bool = True) ->
     st = req.hub.storage
     oid, tree = st.tree(rtype, repo_id, rev)
     head = st.commit_record(rtype, repo_id, oid)
-    card = card_data(req, tree)
+    card = stored_card(st.blobs, head)
     info = {"_id": hashlib.sha1(f"{rtype}/{repo_id}/{meta['createdAt']}".encode()).hexdigest()[:24],
             "id": repo_id, "author": repo_id.split("/")[0], "sha": oid, "lastModified": head["date"],
             "createdAt": meta["createdAt"], "private": meta["private"], "gated": False, "disabled": False,
@@ -108,11 +77,7 @@ def agent_harnesses(req: Request) -> Reply:
 
 def validate_yaml(req: Request) -> Reply:
     try:
-        body = req.json_object()
-        content = body.get("content")
-        if not isinstance(content, str):
-            raise ValueError("`content` must be a string")
-        front_matter(content)
+        front_matter(field(req.json_object(), "content", str, required=True))
     except (ValueError, HubError) as exc:
         msg = exc.message if isinstance(exc, HubError) else str(exc)
         return json_reply({"errors": [{"message": msg}], "warnings": []}, 400)
@@ -127,11 +92,10 @@ def _repo_url(req: Request, rtype: str, repo_id: str) -> str:
 def create_repo(req: Request) -> Reply:
     ident = req.need_user()
     body = req.json_object()
-    rtype = body.get("type") or "model"
-    if rtype not in PREFIX:
-        raise bad_request(f"Invalid repo type: {rtype!r}")
-    name, ns = body.get("name"), body.get("organization") or ident.name
-    if isinstance(name, str) and "/" in name and not body.get("organization"):
+    rtype = field(body, "type", str, choices=REPO_TYPES, default="model")
+    name, org = field(body, "name", str, required=True), field(body, "organization", str)
+    ns = org or ident.name
+    if "/" in name and not org:
         ns, name = name.split("/", 1)  # legacy clients send "ns/name" as name
     check_name(name, "repo name")
     check_name(ns, "namespace")
@@ -143,14 +107,17 @@ def create_repo(req: Request) -> Reply:
     if req.hub.storage.meta(rtype, repo_id) is not None:  # the caller can write (hence read) this namespace
         return json_reply({"error": f"You already created this {rtype} repo", "url": _repo_url(req, rtype, repo_id)},
                           409)
-    visibility = body.get("visibility")
-    private = visibility in ("private", "protected") if visibility is not None else bool(body.get("private"))
+    visibility = field(body, "visibility", str, choices=VISIBILITIES)
+    private = visibility in ("private", "protected") if visibility else field(body, "private", bool, default=False)
     extra = {}
     if rtype == "space":
-        sdk = body.get("sdk")
-        if sdk not in SDKS:
-            raise bad_request(f"Invalid sdk {sdk!r}; expected one of {SDKS}")
-        extra["sdk"] = sdk
+        extra["sdk"] = field(body, "sdk", str, required=True, choices=SDKS)
+        for key, kind in (("hardware", str), ("sleepTimeSeconds", int), ("variables", list), ("secrets", list)):
+            field(body, key, kind)
+        for item in (body.get("variables") or []) + (body.get("secrets") or []):
+            if not isinstance(item, dict):
+                raise bad_request("`variables` and `secrets` are lists of {key, value, description?}")
+            field(item, "key", str, required=True), field(item, "value", str), field(item, "description", str)
     req.hub.storage.create_repo(rtype, repo_id, ident.name, private, extra)
     if rtype == "space":
         req.hub.spaces.init_space(repo_id, body)
@@ -159,14 +126,13 @@ def create_repo(req: Request) -> Reply:
 
 def delete_repo(req: Request) -> Reply:
     body = req.json_object()
-    rtype = body.get("type") or "model"
-    if rtype not in PREFIX or not isinstance(body.get("name"), str):
-        raise bad_request("Expected {name, organization?, type?}")
-    ns = body.get("organization") or req.need_user().name
-    req.repo(rtype, ns, body["name"], write=True)
-    req.hub.storage.delete_repo(rtype, f"{ns}/{body['name']}")
+    rtype = field(body, "type", str, choices=REPO_TYPES, default="model")
+    name = field(body, "name", str, required=True)
+    ns = field(body, "organization", str) or req.need_user().name
+    req.repo(rtype, ns, name, write=True)
+    req.hub.storage.delete_repo(rtype, f"{ns}/{name}")  # also collects the blobs nothing references any more
     if rtype == "space":
-        req.hub.spaces.forget(f"{ns}/{body['name']}")
+        req.hub.spaces.forget(f"{ns}/{name}")
     return json_reply({})
 
 
@@ -178,13 +144,14 @@ def update_settings(req: Request, kind: str, ns: str, name: str) -> Reply:
     rtype = PLURAL[kind]
     req.repo(rtype, ns, name, write=True)
     body = req.json_object()
-    if body.get("gated") not in (None, False):
+    if field(body, "gated", (str, bool)) not in (None, False):
         raise bad_request("Gated repos are not supported by the local Hub")
     changes = {}
-    if "visibility" in body:
-        changes["private"] = body["visibility"] in ("private", "protected")
-    if "private" in body:
-        changes["private"] = bool(body["private"])
+    visibility, private = field(body, "visibility", str, choices=VISIBILITIES), field(body, "private", bool)
+    if visibility is not None:
+        changes["private"] = visibility in ("private", "protected")
+    if private is not None:
+        changes["private"] = private
     if changes:
         req.hub.storage.update_meta(rtype, f"{ns}/{name}", **changes)
     return json_reply({})
@@ -231,8 +198,8 @@ def branch(req: Request, kind: str, ns: str, name: str, ref: str) -> Reply:
     if req.method == "DELETE":
         st.delete_ref(meta["type"], meta["id"], "branch", ref)
         return json_reply({})
-    start = req.json_object().get("startingPoint") or "main"
-    st.create_ref(meta["type"], meta["id"], "branch", ref, st.resolve(meta["type"], meta["id"], str(start)))
+    start = field(req.json_object(), "startingPoint", str) or "main"
+    st.create_ref(meta["type"], meta["id"], "branch", ref, st.resolve(meta["type"], meta["id"], start))
     return json_reply({})
 
 
@@ -243,8 +210,7 @@ def tag(req: Request, kind: str, ns: str, name: str, ref: str) -> Reply:
         st.delete_ref(meta["type"], meta["id"], "tag", ref)
         return json_reply({})
     body = req.json_object()
-    if not isinstance(body.get("tag"), str):
-        raise bad_request("Expected {tag, message?}")
+    tag_name, message = field(body, "tag", str, required=True), field(body, "message", str, default="")
     target = st.resolve(meta["type"], meta["id"], ref)
-    st.create_ref(meta["type"], meta["id"], "tag", body["tag"], target, str(body.get("message") or ""))
+    st.create_ref(meta["type"], meta["id"], "tag", tag_name, target, message)
     return json_reply({})

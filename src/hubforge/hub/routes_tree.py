@@ -1,16 +1,15 @@
 """Routes that list a revision's files and history: tree, paths-info and commits.
 
-Tree items follow shared/reference/hub-http-api.md §4: files carry the git oid (of the LFS pointer for LFS
+Tree items follow PROTOCOL.md §4: files carry the git oid (of the LFS pointer for LFS
 files) and real size, plus `lfs {oid, size, pointerSize}`; no `xetHash`, so clients always download over HTTP.
 `lastCommit` (with expand=true) is found by walking first-parent history, newest first.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from urllib.parse import parse_qs
 
-from .context import PLURAL, Reply, Request, json_reply
+from .context import PLURAL, Reply, Request, field, json_reply
 from .errors import bad_request, entry_not_found
 from .routes_repo import lfs_info
 
@@ -78,21 +77,21 @@ def list_tree(req: Request, kind: str, ns: str, name: str, rev: str, path: str |
 
 def paths_info(req: Request, kind: str, ns: str, name: str, rev: str) -> Reply:
     meta = req.repo(PLURAL[kind], ns, name)
-    raw = req.body.read_all(req.hub.limits.max_json_bytes)
-    ctype = req.headers.get("Content-Type") or ""
-    try:
-        if "json" in ctype:
-            data = json.loads(raw)
-            paths, expand = data.get("paths", []), bool(data.get("expand"))
-        else:
-            form = parse_qs(raw.decode(), keep_blank_values=True)
-            paths, expand = form.get("paths", []), (form.get("expand") or ["false"])[0].lower() == "true"
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise bad_request("Malformed paths-info body") from None
+    if "json" in (req.headers.get("Content-Type") or ""):
+        data = req.json_object()
+        paths, expand = field(data, "paths", list, default=[]), field(data, "expand", bool, default=False)
+        if not all(isinstance(p, str) for p in paths):
+            raise bad_request("`paths` must be a list of strings")
+    else:
+        try:
+            form = parse_qs(req.content.decode(), keep_blank_values=True, strict_parsing=False)
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request("Malformed paths-info body") from None
+        paths, expand = form.get("paths", []), (form.get("expand") or ["false"])[0].lower() == "true"
     oid, tree = req.hub.storage.tree(meta["type"], meta["id"], rev)
     items = []
-    for p in paths if isinstance(paths, list) else [paths]:
-        p = str(p).strip("/")
+    for p in paths:
+        p = p.strip("/")
         if p in tree:
             items.append(_file_item(p, tree[p]))
         elif any(k.startswith(p + "/") for k in tree):

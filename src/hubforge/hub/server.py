@@ -3,7 +3,7 @@
 Stdlib only (`ThreadingHTTPServer`, one thread per connection, HTTP/1.1 keep-alive). Every answer has a
 Content-Length, HEAD answers carry no body, unread request bodies are drained (or the connection is closed), and
 client mistakes are 4xx with the Hub's `X-Error-Code` / `X-Error-Message` headers; a 5xx would make the client
-retry five times with back-off, so it only ever signals a bug here.
+retry five times with back-off, so it only ever signals a bug here. What each route implements: PROTOCOL.md.
 
     from hubforge.hub import serve
     with serve(Path("hub-data")) as hub:      # http://127.0.0.1:<free port>
@@ -48,6 +48,10 @@ class Limits:
     drain_bytes: int = 16 * 2**20               # beyond this an unread body closes the connection instead
 
 
+class HubStartError(RuntimeError):
+    """The server cannot start (port in use, data dir locked or unusable); the message says what to change."""
+
+
 class Stats:
     """Thread-safe counters (bytes received, commits created) that tests and benchmarks read."""
 
@@ -71,48 +75,51 @@ class Stats:
 _R = r"(?P<ns>[^/]+)/(?P<name>[^/]+)"
 _T = r"/api/(?P<kind>models|datasets|spaces)/" + _R
 _S = r"/api/spaces/" + _R
-ROUTES = [(frozenset(methods.split()), re.compile(pattern), fn) for methods, pattern, fn in [
-    ("GET", r"/api/whoami-v2", rr.whoami),
-    ("GET", r"/api/agent-harnesses", rr.agent_harnesses),
+# (methods, path pattern, route, body kind): the kind bounds the body before the route runs (context.Request.bound);
+# lines without a kind take a JSON body.
+ROUTES = [(frozenset(methods.split()), re.compile(pattern), fn, kind[0] if kind else "json")
+          for methods, pattern, fn, *kind in [
+    ("GET", r"/api/whoami-v2", rr.whoami, "none"),
+    ("GET", r"/api/agent-harnesses", rr.agent_harnesses, "none"),
     ("POST", r"/api/validate-yaml", rr.validate_yaml),
     ("POST", r"/api/repos/create", rr.create_repo),
     ("DELETE", r"/api/repos/delete", rr.delete_repo),
     ("POST", r"/api/repos/move", rr.unsupported),
-    ("GET", r"/api/(?P<kind>models|datasets|spaces)", rr.list_repos),
-    ("GET", _T, rr.repo_info),
-    ("GET", _T + r"/revision/(?P<rev>[^/]+)", rr.repo_info),
+    ("GET", r"/api/(?P<kind>models|datasets|spaces)", rr.list_repos, "none"),
+    ("GET", _T, rr.repo_info, "none"),
+    ("GET", _T + r"/revision/(?P<rev>[^/]+)", rr.repo_info, "none"),
     ("PUT", _T + r"/settings", rr.update_settings),
-    ("GET", _T + r"/refs", rr.list_refs),
+    ("GET", _T + r"/refs", rr.list_refs, "none"),
     ("POST DELETE", _T + r"/branch/(?P<ref>.+)", rr.branch),
     ("POST DELETE", _T + r"/tag/(?P<ref>.+)", rr.tag),
-    ("GET", _T + r"/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", rt.list_tree),
+    ("GET", _T + r"/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", rt.list_tree, "none"),
     ("POST", _T + r"/paths-info/(?P<rev>[^/]+)", rt.paths_info),
-    ("GET", _T + r"/commits/(?P<rev>[^/]+)", rt.list_commits),
+    ("GET", _T + r"/commits/(?P<rev>[^/]+)", rt.list_commits, "none"),
     ("POST", _T + r"/preupload/(?P<rev>[^/]+)", rf.preupload),
-    ("GET", _T + r"/xet-(?:read|write)-token/(?P<rev>[^/]+)", rf.xet_token),
-    ("POST", _T + r"/commit/(?P<rev>[^/]+)", rf.commit),
+    ("GET", _T + r"/xet-(?:read|write)-token/(?P<rev>[^/]+)", rf.xet_token, "none"),
+    ("POST", _T + r"/commit/(?P<rev>[^/]+)", rf.commit, "commit"),
     ("GET POST DELETE", _S + r"/variables", sp.variables),
     ("GET POST DELETE", _S + r"/secrets", sp.secrets),
-    ("GET", _S + r"/runtime", sp.runtime),
+    ("GET", _S + r"/runtime", sp.runtime, "none"),
     ("POST", _S + r"/(?P<action>restart|pause|hardware|sleeptime)", sp.action),
-    ("GET", _S + r"/logs/(?P<kind>run|build)", sp.logs),
+    ("GET", _S + r"/logs/(?P<kind>run|build)", sp.logs, "none"),
     ("POST", r"/(?:(?P<prefix>datasets|spaces)/)?(?P<ns>[^/]+)/(?P<name>[^/]+)\.git/info/lfs/objects/batch",
      rf.lfs_batch),
-    ("PUT", r"/_cdn/upload/(?P<rtype>model|dataset|space)/" + _R + r"/(?P<oid>[0-9a-f]{64})", rf.cdn_upload),
-    ("GET", r"/_cdn/(?P<oid>[0-9a-f]{64})", rf.cdn_download),
-    ("GET", r"/(?:(?P<prefix>datasets|spaces)/)?" + _R + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)", rf.resolve),
+    ("PUT", r"/_cdn/upload/(?P<rtype>model|dataset|space)/" + _R + r"/(?P<oid>[0-9a-f]{64})", rf.cdn_upload, "file"),
+    ("GET", r"/_cdn/(?P<rtype>model|dataset|space)/" + _R + r"/(?P<oid>[0-9a-f]{64})", rf.cdn_download, "none"),
+    ("GET", r"/(?:(?P<prefix>datasets|spaces)/)?" + _R + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)", rf.resolve, "none"),
 ]]
 
 
 def _route(method: str, path: str):
     wanted = "GET" if method == "HEAD" else method
     allowed = False
-    for methods, pattern, fn in ROUTES:
+    for methods, pattern, fn, kind in ROUTES:
         m = pattern.fullmatch(path)
         if m:
             if wanted in methods:
                 # Split on "/" first (the regex did), then unquote: a revision like refs%2Fpr%2F1 stays one segment.
-                return fn, {k: unquote(v) if v is not None else None for k, v in m.groupdict().items()}
+                return fn, {k: unquote(v) if v is not None else None for k, v in m.groupdict().items()}, kind
             allowed = True
     raise HubError(405, f"Method {method} not allowed here") if allowed else HubError(404, f"Not found: {path}")
 
@@ -151,7 +158,8 @@ class Handler(BaseHTTPRequestHandler):
         hub, req = self.server.hub, None
         try:
             req = Request(self, hub)
-            fn, params = _route(self.command, req.path)
+            fn, params, kind = _route(self.command, req.path)
+            req.bound(kind)  # before the route runs, so before any token is looked at
             reply = fn(req, **params)
         except HubError as err:
             reply = error_reply(err)
@@ -161,7 +169,11 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("internal error on %s %s", self.command, self.path.split("?")[0])
             reply = error_reply(HubError(500, "Internal error in the local Hub"))
-        if req is None or not req.body.finish(hub.limits.drain_bytes):
+        try:
+            reusable = req is not None and req.body.finish(hub.limits.drain_bytes)
+        except HubError as err:  # malformed chunked framing found while draining: that is the answer
+            reply, reusable = error_reply(err), False
+        if not reusable:
             reply.headers["Connection"] = "close"
         try:
             self._send(reply)
@@ -223,14 +235,25 @@ class LocalHub:
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0, *, limits: Limits | None = None,
                  default_user: str = "hubforge"):
         self.data_dir = Path(data_dir).resolve()
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock_file = open(self.data_dir / ".lock", "w")
+        except OSError as exc:
+            raise HubStartError(f"cannot use {self.data_dir} as the data directory: {exc.strerror}") from None
         # One server per data dir: locks are in-process, and start-up empties tmp/ (another server's uploads).
-        self._lock_file = open(self.data_dir / ".lock", "w")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock_file.close()
-            raise RuntimeError(f"{self.data_dir} is already served by another local Hub") from None
+            raise HubStartError(f"{self.data_dir} is already served by another local Hub (it holds "
+                                f"{self.data_dir / '.lock'}); stop that one or pass another --data-dir") from None
+        try:  # the port next, before anything is written, so a busy port leaves the data dir as it was
+            self._httpd = _HTTPServer((host, port), Handler)
+        except OSError as exc:
+            self._lock_file.close()
+            raise HubStartError(f"cannot listen on {host}:{port}: {exc.strerror}; is another server using "
+                                "it? Pass another --port") from None
+        self._httpd.hub = self
         self.limits = limits or Limits()
         self.storage = Storage(self.data_dir)
         self.users = Users(self.data_dir / "users.json")
@@ -241,12 +264,7 @@ class LocalHub:
             self._write_private(self.data_dir / "token", self.users.create_user(default_user, "write"))
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
-        try:
-            self._httpd = _HTTPServer((host, port), Handler)
-        except OSError:
-            self._lock_file.close()
-            raise
-        self._httpd.hub = self
+        self.storage.collect_garbage()  # blobs left by repos deleted or commits refused before a crash
         self.host, self.port = host, self._httpd.server_address[1]
         self.endpoint = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
         self._thread: threading.Thread | None = None

@@ -22,9 +22,9 @@ import shutil
 import threading
 from collections import deque
 
-from .context import Reply, Request, json_reply
+from .cards import stored_card
+from .context import Reply, Request, field, json_reply
 from .errors import bad_request, repo_not_found
-from .routes_repo import front_matter
 from .storage import now_iso, read_json, write_json
 
 APP_FILES = {"gradio": "app.py", "streamlit": "app.py", "docker": "Dockerfile", "static": "index.html"}
@@ -64,29 +64,23 @@ class Spaces:
         def apply(data):
             for table in ("variables", "secrets"):
                 for item in body.get(table) or []:
-                    if isinstance(item, dict) and _KEY.match(str(item.get("key", ""))):
-                        data[table][item["key"]] = {"value": str(item.get("value", "")),
-                                                    "description": item.get("description"), "updatedAt": now_iso()}
-            if isinstance(body.get("hardware"), str):
-                data["hardware"] = body["hardware"]
-            if isinstance(body.get("sleepTimeSeconds"), int):
-                data["sleepTime"] = body["sleepTimeSeconds"]
+                    if isinstance(item, dict) and isinstance(item.get("key"), str) and _KEY.match(item["key"]):
+                        data[table][item["key"]] = {"value": field(item, "value", str, default=""),
+                                                    "description": field(item, "description", str),
+                                                    "updatedAt": now_iso()}
+            data["hardware"] = field(body, "hardware", str, default=data["hardware"])
+            data["sleepTime"] = field(body, "sleepTimeSeconds", int, default=data["sleepTime"])
         self._update(repo_id, apply)
 
     # --- runtime -----------------------------------------------------------------------------------------------
     def _has_app_file(self, repo_id: str) -> bool:
         """Whether `main` has the app file: `app_file` from the README front matter, else the SDK's default."""
-        meta = self.hub.storage.meta("space", repo_id)
-        _, tree = self.hub.storage.tree("space", repo_id, "main")
-        app_file = APP_FILES.get(meta.get("sdk"), "app.py")
-        readme = tree.get("README.md")
-        if readme and readme["size"] < 1 << 20:
-            try:
-                card = front_matter(self.hub.storage.blobs.path(readme["sha256"]).read_text(encoding="utf-8"))
-                app_file = str((card or {}).get("app_file") or app_file)
-            except (ValueError, UnicodeDecodeError):
-                pass  # an unreadable card does not decide whether the app exists
-        return app_file in tree
+        st = self.hub.storage
+        meta = st.meta("space", repo_id)
+        oid, tree = st.tree("space", repo_id, "main")
+        card = stored_card(st.blobs, st.commit_record("space", repo_id, oid)) or {}
+        app_file = card.get("app_file") if isinstance(card.get("app_file"), str) else None
+        return (app_file or APP_FILES.get(meta.get("sdk"), "app.py")) in tree
 
     def runtime(self, repo_id: str) -> dict:
         with self._lock:
@@ -199,10 +193,11 @@ def _table(req: Request, ns: str, name: str, table: str) -> Reply:
             if req.method == "DELETE":
                 data[table].pop(key, None)
             else:
-                value = body.get("value", "")
-                if not isinstance(value, str) or len(value) > 65536:
+                value = field(body, "value", str, default="")
+                if len(value) > 65536:
                     raise bad_request("value must be a string of at most 64 KiB")
-                data[table][key] = {"value": value, "description": body.get("description"), "updatedAt": now_iso()}
+                data[table][key] = {"value": value, "description": field(body, "description", str),
+                                    "updatedAt": now_iso()}
         spaces._update(repo_id, apply)
         if table == "secrets":
             return json_reply({})
@@ -236,13 +231,12 @@ def action(req: Request, ns: str, name: str, action: str) -> Reply:
         spaces._call_stop(repo_id)
         return json_reply(spaces.set_runtime(repo_id, stage="PAUSED"))
     if action == "hardware":
-        if not isinstance(body.get("flavor"), str):
-            raise bad_request("Expected {flavor}")
-        spaces._update(repo_id, lambda d: d.update(hardware=body["flavor"]))
-    if action == "sleeptime" or isinstance(body.get("sleepTimeSeconds"), int):
-        seconds = body.get("seconds", body.get("sleepTimeSeconds"))
-        if not isinstance(seconds, int):
-            raise bad_request("Expected {seconds}")
+        flavor = field(body, "flavor", str, required=True)
+        spaces._update(repo_id, lambda d: d.update(hardware=flavor))
+    seconds = field(body, "seconds", int) if action == "sleeptime" else field(body, "sleepTimeSeconds", int)
+    if action == "sleeptime" and seconds is None:
+        raise bad_request("`seconds` is required")
+    if seconds is not None:
         spaces._update(repo_id, lambda d: d.update(sleepTime=seconds))
     return json_reply(spaces.runtime(repo_id))
 

@@ -6,12 +6,15 @@ Layout under the data directory (everything survives a restart; nothing lives on
     tmp/                                   uploads in progress (emptied at start-up)
     repos/<type>/<ns>/<name>/repo.json     metadata (private, createdAt, sdk, ...)
     repos/<type>/<ns>/<name>/refs.json     {"branches": {name: oid}, "tags": {name: {"target", "message"}}}
-    repos/<type>/<ns>/<name>/commits/<oid>.json   one commit: parents, author, date, title, message, tree
+    repos/<type>/<ns>/<name>/commits/<oid>.json   one commit: parents, author, date, title, message, tree, card
     repos/<type>/<ns>/<name>/lfs/<sha256>  marker: this LFS object was uploaded to (or committed in) this repo
 
 Every file is written to a temporary name, fsynced and renamed, so a crash or a dropped connection never leaves a
 torn file, and a blob or commit becomes visible only through the atomic rename of `refs.json`. A per-repo lock
 serialises commits and ref changes, so two concurrent commits both land, one on top of the other.
+`collect_garbage` (at start-up and after a repo is deleted) removes blobs no commit and no LFS upload marker
+references any more: those of deleted repos and of refused commits (see blobs.py for why it is safe against a
+concurrent commit).
 """
 from __future__ import annotations
 
@@ -46,26 +49,31 @@ GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in L
 GITATTRIBUTES += "*tfevents* filter=lfs diff=lfs merge=lfs -text\n"
 
 
+def shown(value) -> str:
+    """A client's value for an error message: short, and never the repr of a deep structure (RecursionError)."""
+    return repr(value[:100]) if isinstance(value, str) else f"a {type(value).__name__}"
+
+
 def check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name or name.endswith(".git"):
-        raise bad_request(f"Invalid {what}: {name!r}")
+        raise bad_request(f"Invalid {what}: {shown(name)}")
     return name
 
 
 def check_ref(name: str) -> str:
     if (not isinstance(name, str) or not _REF.match(name) or ".." in name or "//" in name
             or name.endswith(("/", ".lock")) or HEX40.match(name)):
-        raise bad_request(f"Invalid branch or tag name: {name!r}")
+        raise bad_request(f"Invalid branch or tag name: {shown(name)}")
     return name
 
 
 def check_path(path: str) -> str:
     """A file path inside a repo: relative, normalised, not touching .git."""
     if not isinstance(path, str) or not 0 < len(path) <= 1024 or "\0" in path or "\\" in path:
-        raise bad_request(f"Invalid path in repo: {path!r}")
+        raise bad_request(f"Invalid path in repo: {shown(path)}")
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts) or parts[0] == ".git":
-        raise bad_request(f"Invalid path in repo: {path!r}")
+        raise bad_request(f"Invalid path in repo: {shown(path)}")
     return path
 
 
@@ -118,19 +126,22 @@ class Storage:
         """Create the repo with its initial `.gitattributes` commit (like the Hub), atomically via a folder rename."""
         final = self.repo_dir(rtype, repo_id)
         staging = self.blobs.tmp / f"repo-{uuid.uuid4().hex}"
-        meta = {"type": rtype, "id": repo_id, "private": bool(private), "createdAt": now_iso(), **(extra or {})}
+        # `uid` tells this repo from a later one of the same name: presigned URLs are signed with it.
+        meta = {"type": rtype, "id": repo_id, "private": bool(private), "createdAt": now_iso(),
+                "uid": uuid.uuid4().hex, **(extra or {})}
         write_json(staging / "repo.json", meta)
-        entry = self.blobs.put_bytes(GITATTRIBUTES.encode())
-        record = self._new_commit(staging, [], {".gitattributes": entry}, author, "initial commit", "")
-        write_json(staging / "refs.json", {"branches": {"main": record["id"]}, "tags": {}})
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with self.lock(rtype, repo_id):
-            try:
-                os.rename(staging, final)  # fails on an existing (never empty) repo folder
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise HubError(409, f"You already created this {rtype} repo: {repo_id}") from None
-            fsync_dir(final.parent)
+        with self.blobs.pinned() as pins:  # the record in staging/ is invisible to garbage collection
+            entry = self.blobs.put_bytes(GITATTRIBUTES.encode(), pins)
+            record = self._new_commit(staging, [], {".gitattributes": entry}, author, "initial commit", "", None)
+            write_json(staging / "refs.json", {"branches": {"main": record["id"]}, "tags": {}})
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with self.lock(rtype, repo_id):
+                try:
+                    os.rename(staging, final)  # fails on an existing (never empty) repo folder
+                except OSError:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise HubError(409, f"You already created this {rtype} repo: {repo_id}") from None
+                fsync_dir(final.parent)
         return meta
 
     def delete_repo(self, rtype: str, repo_id: str) -> None:
@@ -138,6 +149,17 @@ class Storage:
             trash = self.blobs.tmp / f"deleted-{uuid.uuid4().hex}"
             os.rename(self.repo_dir(rtype, repo_id), trash)  # one atomic step makes the repo disappear
         shutil.rmtree(trash, ignore_errors=True)
+        self.collect_garbage()
+
+    def collect_garbage(self) -> int:
+        """Remove blobs that no commit of any repo and no LFS marker references; returns how many were removed."""
+        def referenced():
+            for repo in self.repos.glob("*/*/*"):
+                yield from (p.name for p in (repo / "lfs").glob("*"))
+                for path in (repo / "commits").glob("*.json"):
+                    record = read_json(path) or {"tree": {}}
+                    yield from (e["sha256"] for e in record["tree"].values())
+        return self.blobs.collect(referenced)
 
     def list_repos(self, rtype: str) -> Iterator[dict]:
         for path in sorted((self.repos / rtype).glob("*/*/repo.json")):
@@ -188,20 +210,22 @@ class Storage:
         oid = self.resolve(rtype, repo_id, rev)
         return oid, self.commit_record(rtype, repo_id, oid)["tree"]
 
-    def _new_commit(self, repo_dir: Path, parents: list, tree: dict, author: str, title: str, message: str) -> dict:
+    def _new_commit(self, repo_dir: Path, parents: list, tree: dict, author: str, title: str, message: str,
+                    card: dict | None) -> dict:
         record = {"parents": parents, "author": author, "date": now_iso(), "title": title, "message": message,
-                  "tree": tree}
+                  "tree": tree, "card": card}
         canonical = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
         record["id"] = hashlib.sha1(b"commit %d\0" % len(canonical) + canonical).hexdigest()
         write_json(repo_dir / "commits" / f"{record['id']}.json", record)
         return record
 
     def commit(self, rtype: str, repo_id: str, branch: str, ops: list, author: str, title: str, message: str,
-               parent: str | None = None) -> tuple[str, bool]:
+               parent: str | None = None, card_for=lambda entry: None) -> tuple[str, bool]:
         """Apply ops [("add", path, entry) | ("delete", path) | ("delete_folder", path)] on top of `branch`.
 
         Returns (commit id, created). A stale `parent` is refused with 412; a commit that changes nothing is not
-        recorded and returns the current head.
+        recorded and returns the current head. `card_for(entry)` gives the card data of a new README.md (or
+        raises HubError to refuse the commit); an unchanged README keeps its parent's.
         """
         branch = branch.removeprefix("refs/heads/")
         with self.lock(rtype, repo_id):
@@ -214,7 +238,8 @@ class Storage:
                                     f"{branch} is now {head}. Pull and retry.")
             if self.meta(rtype, repo_id) is None:
                 raise repo_not_found(repo_id, True)
-            old = self.commit_record(rtype, repo_id, head)["tree"]
+            head_record = self.commit_record(rtype, repo_id, head)
+            old = head_record["tree"]
             tree = dict(old)
             for op in ops:
                 if op[0] == "add":
@@ -232,7 +257,10 @@ class Storage:
             if tree == old:
                 return head, False
             _check_file_dir_conflicts(tree)
-            record = self._new_commit(self.repo_dir(rtype, repo_id), [head], tree, author, title, message)
+            readme = tree.get("README.md")
+            card = (None if readme is None else head_record.get("card") if readme == old.get("README.md")
+                    and "card" in head_record else card_for(readme))
+            record = self._new_commit(self.repo_dir(rtype, repo_id), [head], tree, author, title, message, card)
             refs["branches"][branch] = record["id"]
             self._write_refs(rtype, repo_id, refs)
             return record["id"], True
