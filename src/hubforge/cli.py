@@ -8,6 +8,7 @@
     hubforge hub serve --data-dir DIR --port 8765
     hubforge space deploy RECIPE --run-dir DIR      # (re)deploy the Space for a published run
     hubforge space serve --run-dir DIR              # the Space app locally, on a run's own files
+    hubforge changed BASE HEAD [--json]             # recipes a range of commits added, modified or renamed
 """
 from __future__ import annotations
 
@@ -240,6 +241,26 @@ def space_serve(run_dir: Optional[Path] = typer.Option(None, help="Serve a run d
         _fail(f"error: {exc}")
     typer.echo(f"serving the Space app ({env['BACKEND']}) on http://{host}:{port}", err=True)
     raise typer.Exit(space.serve(env, host=host, port=port))
+
+
+@app.command()
+def changed(base: str = typer.Argument(..., help="Revision before the change (a push's `before`; 40 zeros = nothing before)."),
+            head: str = typer.Argument("HEAD", help="Revision after the change (a push's `after`)."),
+            merge_base: bool = typer.Option(False, "--merge-base", help="Compare HEAD with where it forked off BASE (a pull request)."),
+            repo: Path = typer.Option(Path("."), help="The git repository."),
+            as_json: bool = JSON) -> None:
+    """Recipes added, modified or renamed between two revisions (or whose recipes/data/ files changed); one per line."""
+    from hubforge.changed import ChangedError, changed_recipes
+
+    try:
+        found = changed_recipes(base, head, repo, merge_base=merge_base)
+    except ChangedError as exc:
+        _fail(f"error: {exc}")
+    if as_json:
+        typer.echo(json.dumps(found, ensure_ascii=False))
+        return
+    for entry in found:
+        typer.echo(entry["recipe"])
 
 
 def main() -> None:
