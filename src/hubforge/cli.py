@@ -9,6 +9,7 @@
     hubforge space deploy RECIPE --run-dir DIR      # (re)deploy the Space for a published run
     hubforge space serve --run-dir DIR              # the Space app locally, on a run's own files
     hubforge changed BASE HEAD [--json]             # recipes a range of commits added, modified or renamed
+    hubforge summary RUN_DIR [--compare-hub]        # a run as Markdown for a CI job summary (+ card release note)
 """
 from __future__ import annotations
 
@@ -261,6 +262,17 @@ def changed(base: str = typer.Argument(..., help="Revision before the change (a 
         return
     for entry in found:
         typer.echo(entry["recipe"])
+
+
+@app.command()
+def summary(run_dir: Path = typer.Argument(...),
+            compare_hub: bool = typer.Option(False, "--compare-hub", help="Also diff each card against the README the Hub serves now.")) -> None:
+    """A run directory as Markdown: stage states, eval table, GGUF quality table (for a CI job summary)."""
+    from hubforge.summary import run_summary
+
+    if not (run_dir / "manifest.json").is_file():
+        _fail(f"{run_dir} has no manifest.json; is it a hubforge run directory?")
+    typer.echo(run_summary(run_dir, compare_hub), nl=False)
 
 
 def main() -> None:
