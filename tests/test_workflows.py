@@ -29,7 +29,6 @@ PR_TRIGGERS = {"pull_request", "pull_request_target", "issue_comment", "pull_req
 # The only job-level grants beyond `contents: read`, and why (a new write scope must be added here deliberately).
 WRITE_SCOPES = {
     ("recipe-pr-comment.yml", "comment"): {"actions": "read", "pull-requests": "write"},  # read the artifact, comment
-    ("train-and-publish.yml", "train"): {"contents": "read", "id-token": "write"},        # OIDC Trusted Publishers
 }
 
 
