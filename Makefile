@@ -17,9 +17,9 @@ LLAMA_CPP_DIR ?= .cache/llama.cpp
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 LLAMA_WHEELS ?= $(HOME)/.cache/hubforge/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)$(subst $() ,,$(LLAMA_CPP_CMAKE_ARGS))
 RECIPE ?= recipes/gemma-3-270m/persian-chat-lora.yaml
-TIERS ?= unit or integration or hub or slow or browser
+TIERS ?= unit or integration or hub or slow or browser or workflows
 
-.PHONY: install llama-cpp-scripts browser-deps demo test test-unit benchmarks clean
+.PHONY: install llama-cpp-scripts browser-deps lint-deps demo test test-unit benchmarks clean
 
 install: $(VENV)/.installed llama-cpp-scripts
 
@@ -51,10 +51,14 @@ $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py: | $(VENV)/.installed
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 
+# shellcheck, which actionlint runs on every workflow script (tests/test_workflows.py; Debian package; root, as on CI).
+lint-deps:
+	@command -v shellcheck >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q shellcheck)
+
 demo: install
 	$(BIN)/hubforge demo $(RECIPE)
 
-test: install browser-deps
+test: install browser-deps lint-deps
 	$(BIN)/python -m pytest -m "$(TIERS)"
 
 test-unit: $(VENV)/.installed

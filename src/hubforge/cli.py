@@ -8,6 +8,8 @@
     hubforge hub serve --data-dir DIR --port 8765
     hubforge space deploy RECIPE --run-dir DIR      # (re)deploy the Space for a published run
     hubforge space serve --run-dir DIR              # the Space app locally, on a run's own files
+    hubforge changed BASE HEAD [--json]             # recipes a range of commits added, modified or renamed
+    hubforge summary RUN_DIR [--compare-hub]        # a run as Markdown for a CI job summary (+ card release note)
 """
 from __future__ import annotations
 
@@ -240,6 +242,37 @@ def space_serve(run_dir: Optional[Path] = typer.Option(None, help="Serve a run d
         _fail(f"error: {exc}")
     typer.echo(f"serving the Space app ({env['BACKEND']}) on http://{host}:{port}", err=True)
     raise typer.Exit(space.serve(env, host=host, port=port))
+
+
+@app.command()
+def changed(base: str = typer.Argument(..., help="Revision before the change (a push's `before`; 40 zeros = nothing before)."),
+            head: str = typer.Argument("HEAD", help="Revision after the change (a push's `after`)."),
+            merge_base: bool = typer.Option(False, "--merge-base", help="Compare HEAD with where it forked off BASE (a pull request)."),
+            repo: Path = typer.Option(Path("."), help="The git repository."),
+            as_json: bool = JSON) -> None:
+    """Recipes added, modified or renamed between two revisions (or whose recipes/data/ files changed); one per line."""
+    from hubforge.changed import ChangedError, changed_recipes
+
+    try:
+        found = changed_recipes(base, head, repo, merge_base=merge_base)
+    except ChangedError as exc:
+        _fail(f"error: {exc}")
+    if as_json:
+        typer.echo(json.dumps(found, ensure_ascii=False))
+        return
+    for entry in found:
+        typer.echo(entry["recipe"])
+
+
+@app.command()
+def summary(run_dir: Path = typer.Argument(...),
+            compare_hub: bool = typer.Option(False, "--compare-hub", help="Also diff each card against the README the Hub serves now.")) -> None:
+    """A run directory as Markdown: stage states, eval table, GGUF quality table (for a CI job summary)."""
+    from hubforge.summary import run_summary
+
+    if not (run_dir / "manifest.json").is_file():
+        _fail(f"{run_dir} has no manifest.json; is it a hubforge run directory?")
+    typer.echo(run_summary(run_dir, compare_hub), nl=False)
 
 
 def main() -> None:
