@@ -599,6 +599,16 @@ def find_recipes(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+def read_resolved(path: str | Path) -> Recipe:
+    """The typed recipe a run directory saved (`recipe.resolved.yaml`, every default already filled in)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+        return _typed(data, str(path), path.parent)
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise RecipeError(str(path), [f"{path}: not a resolved recipe written by hubforge ({type(exc).__name__}: {exc})"]) from None
+
+
 def dump_resolved(recipe: Recipe) -> str:
     header = f"# Resolved recipe (all defaults filled in) from {recipe.source}\n# sha256: {recipe.sha256}\n"
     return header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, width=120)
