@@ -1,6 +1,7 @@
-"""The package's import structure, read from the source (ast): stages never import each other, nothing imports the
-CLI, the local Hub stands apart, and no module imports itself back through others (no circle, lazy imports
-included). Floors like models, scoring, products and hubclient are where stages share code."""
+"""The package's structure, read from the source (ast): stages never import each other, nothing imports the CLI, the
+local Hub stands apart, no module imports itself back through others (no circle, lazy imports included), and each
+stage reads only the recipe sections it declares in `SECTIONS` (its cache key). Floors like models, scoring,
+products and hubclient are where stages share code."""
 from __future__ import annotations
 
 import ast
@@ -40,6 +41,7 @@ def imports(name: str) -> set[str]:
 
 
 GRAPH = {name: imports(name) for name in MODULES}
+STAGE_MODULES = sorted(m for m in MODULES if m.startswith("hubforge.stages."))
 
 
 def test_the_graph_sees_the_known_edges():
@@ -77,3 +79,32 @@ def test_no_import_cycle():
 
     for name in sorted(GRAPH):
         visit(name)
+
+
+def declared_sections(module: str) -> tuple[str, ...]:
+    tree = ast.parse(MODULES[module].read_text("utf-8"))
+    found = [ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+             and [getattr(t, "id", None) for t in n.targets] == ["SECTIONS"]]
+    assert found, f"{module} declares no SECTIONS (the recipe sections its run reads) next to its run"
+    return found[0]
+
+
+def test_the_recipe_read_analysis_follows_recipe_into_floors():
+    from recipe_reads import Index
+
+    index = Index(PACKAGE)
+    # gguf never names recipe.train itself: it reads train.assistant_only_loss through hubforge.scoring
+    assert "train" in index.reads("hubforge.scoring", "scoring_template")
+    assert "train" in index.reads("hubforge.stages.gguf", "run")
+    assert index.reads("hubforge.products", "merge_skip_reason") == {"method", "export"}
+
+
+@pytest.mark.parametrize("module", STAGE_MODULES)
+def test_each_stage_reads_only_the_recipe_sections_it_declares(module):
+    from recipe_reads import Index
+
+    reads = Index(PACKAGE).reads(module, "run")
+    unknown = sorted(r for r in reads if r.startswith("?"))
+    assert not unknown, f"{module}: cannot tell what these read of the recipe: {unknown}"
+    undeclared = sorted(reads - set(declared_sections(module)))
+    assert not undeclared, f"{module}.run reads recipe sections {undeclared} that its SECTIONS does not declare"

@@ -1,7 +1,8 @@
 """The stage registry and the loop that runs stages through a run directory.
 
-A stage is one module in `hubforge.stages` with an entry function `run(recipe, run_dir) -> dict`. It reads
-the recipe sections it names and the outputs of the stages it needs (from `run_dir`), writes only into
+A stage is one module in `hubforge.stages` with an entry function `run(recipe, run_dir) -> dict` and, beside it,
+`SECTIONS`: the recipe sections it reads. It reads those and the outputs of the stages it needs (from `run_dir`),
+imports only the floors below it (never another stage), writes only into
 `run_dir.stage_dir(<its name>)`, and returns a JSON-able result that lands in the manifest. A stage that has
 nothing to do for a recipe (e.g. `merge` for prompt tuning) returns `{"status": "not_applicable", "reason": ...}`.
 
@@ -37,7 +38,6 @@ STAGE_CODE_VERSION = "1"
 class Stage:
     name: str
     needs: tuple[str, ...]
-    sections: tuple[str, ...]
     summary: str
     module_path: str = ""  # default hubforge.stages.<name>; tests point it elsewhere
     publishes: bool = False  # has Hub side effects: runs only when publishing was asked for
@@ -49,16 +49,21 @@ class Stage:
     def entry(self) -> Callable[[Recipe, RunDir], dict]:
         return importlib.import_module(self.module).run
 
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The recipe sections the stage reads, declared next to its `run` (imported on use: plan stays light)."""
+        return importlib.import_module(self.module).SECTIONS
+
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", (), ("base", "data", "train"), "load, format and split the dataset; fingerprint it"),
-    Stage("train", ("data",), ("base", "method", "train"), "fine-tune with TRL SFTTrainer + PEFT (resumable)"),
-    Stage("merge", ("train",), ("base", "method", "export", "eval", "data"), "merge the adapter into a 16-bit base and verify it"),
-    Stage("evaluate", ("data", "train", "merge"), ("base", "method", "data", "eval"), "base vs tuned: loss, perplexity, QA, samples, lm-eval"),
-    Stage("gguf", ("merge", "train"), ("name", "base", "data", "eval", "export", "method"), "GGUF f16 + llama.cpp quants, each verified"),
-    Stage("card", ("data", "train", "merge", "evaluate", "gguf"), ("name", "base", "data", "method", "train", "eval", "export", "card", "publish", "space"), "render and validate model cards"),
-    Stage("publish", ("train", "merge", "gguf", "card"), ("publish",), "push adapter, merged and GGUF repos", publishes=True),
-    Stage("space", ("publish",), ("name", "base", "data", "eval", "space", "publish", "card"), "deploy the Gradio Space and wait for RUNNING", publishes=True),
+    Stage("data", (), "load, format and split the dataset; fingerprint it"),
+    Stage("train", ("data",), "fine-tune with TRL SFTTrainer + PEFT (resumable)"),
+    Stage("merge", ("train",), "merge the adapter into a 16-bit base and verify it"),
+    Stage("evaluate", ("data", "train", "merge"), "base vs tuned: loss, perplexity, QA, samples, lm-eval"),
+    Stage("gguf", ("merge", "train"), "GGUF f16 + llama.cpp quants, each verified"),
+    Stage("card", ("data", "train", "merge", "evaluate", "gguf"), "render and validate model cards"),
+    Stage("publish", ("train", "merge", "gguf", "card"), "push adapter, merged and GGUF repos", publishes=True),
+    Stage("space", ("publish",), "deploy the Gradio Space and wait for RUNNING", publishes=True),
 )
 
 

@@ -48,20 +48,28 @@ def repo_ids(recipe) -> dict[str, str]:
 
 def skip_reason(stage: str, recipe) -> str | None:
     """Why `stage` has nothing to do for this recipe (its not_applicable reason), or None when it applies."""
-    m, export = recipe.method, recipe.export
-    if stage == "merge":
-        if not m.is_mergeable:
-            return (f"{m.name} learns virtual tokens, not weight deltas: nothing to merge, so there is no merged model "
-                    "and no GGUF")
-        return None if export.merge else "export.merge is false"
-    if stage == "gguf":
-        if not export.gguf.enabled:
-            return "export.gguf.enabled is false"
-        merge = skip_reason("merge", recipe)
-        return f"nothing was merged: {merge}" if merge else None
-    if stage == "space":
-        return None if recipe.space.enabled else "space.enabled is false"
-    return None
+    reason = {"merge": merge_skip_reason, "gguf": gguf_skip_reason, "space": space_skip_reason}.get(stage)
+    return reason(recipe) if reason else None
+
+
+# One function per stage, so that each reads only the recipe sections its stage declares (tests/test_layers.py).
+def merge_skip_reason(recipe) -> str | None:
+    m = recipe.method
+    if not m.is_mergeable:
+        return (f"{m.name} learns virtual tokens, not weight deltas: nothing to merge, so there is no merged model "
+                "and no GGUF")
+    return None if recipe.export.merge else "export.merge is false"
+
+
+def gguf_skip_reason(recipe) -> str | None:
+    if not recipe.export.gguf.enabled:
+        return "export.gguf.enabled is false"
+    merge = merge_skip_reason(recipe)
+    return f"nothing was merged: {merge}" if merge else None
+
+
+def space_skip_reason(recipe) -> str | None:
+    return None if recipe.space.enabled else "space.enabled is false"
 
 
 def applies(stage: str, recipe) -> bool:
@@ -70,7 +78,8 @@ def applies(stage: str, recipe) -> bool:
 
 def planned_repos(recipe) -> dict[str, str]:
     """kind -> repo id this recipe will publish (known before any stage runs: plan, preflight)."""
-    wanted = {"adapter": recipe.method.is_adapter, "merged": applies("merge", recipe), "gguf": applies("gguf", recipe)}
+    wanted = {"adapter": recipe.method.is_adapter, "merged": merge_skip_reason(recipe) is None,
+              "gguf": gguf_skip_reason(recipe) is None}
     return {kind: repo for kind, repo in repo_ids(recipe).items() if wanted[kind]}
 
 
@@ -105,7 +114,7 @@ def gguf_types(recipe) -> list[str]:
 
 def gguf_files(recipe) -> list[str]:
     """The GGUF files a run of this recipe writes (none when the gguf stage does not apply)."""
-    if not applies("gguf", recipe):
+    if gguf_skip_reason(recipe) is not None:
         return []
     files = [gguf_name(recipe, t) for t in gguf_types(recipe)]
     return files + ([gguf_name(recipe, LORA_GGUF_TYPE)] if recipe.export.gguf.lora else [])

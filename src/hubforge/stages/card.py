@@ -27,6 +27,10 @@ from hubforge.spacecard import render_space_readme
 __all__ = ["run", "render_card", "render_space_readme", "check_card", "cards_dir"]
 
 
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('name', 'base', 'data', 'method', 'train', 'eval', 'export', 'card', 'publish', 'space')
+
+
 def run(recipe: Recipe, run_dir: RunDir) -> dict:
     results = load_results(run_dir)
     produced = {k: v for k, v in products.produced_repos(recipe, run_dir.manifest).items() if k in KINDS}

@@ -23,6 +23,10 @@ from hubforge.models import resolve_base
 from hubforge.rundir import sha256_file
 
 
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('base', 'data', 'train')
+
+
 def run(recipe, run_dir) -> dict:
     d, out = recipe.data, run_dir.stage_dir("data")
     # ---- load: raw rows of the training split (and the eval split when the dataset has one)

@@ -29,6 +29,10 @@ from hubforge.scoring import (encode_for_loss, heldout_loss, prompt_ids, read_js
                               stop_ids)
 
 
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('base', 'method', 'data', 'eval', 'train')
+
+
 def run(recipe, run_dir) -> dict:
     import torch
     from tqdm.auto import tqdm

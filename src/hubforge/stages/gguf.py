@@ -50,6 +50,10 @@ MIN_TOP1_RECOMMENDED = 0.5
 MAX_MEAN_KL = 1e-3
 
 
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('name', 'base', 'data', 'eval', 'export', 'method', 'train')
+
+
 def run(recipe, run_dir) -> dict:
     try:
         return export(recipe, run_dir)
@@ -59,7 +63,7 @@ def run(recipe, run_dir) -> dict:
 
 def export(recipe, run_dir) -> dict:
     cfg = recipe.export.gguf
-    if reason := products.skip_reason("gguf", recipe):
+    if reason := products.gguf_skip_reason(recipe):
         return {"status": "not_applicable", "reason": reason}
     merge = run_dir.manifest["stages"].get("merge", {})
     if merge.get("status") != "done" or not (run_dir.path / merge["result"].get("model_dir", "-")).is_dir():

@@ -40,9 +40,13 @@ COMPARE_ROWS, COMPARE_TOKENS = 4, 64
 PPL_ROWS = 16
 
 
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('base', 'method', 'export', 'eval', 'data')
+
+
 def run(recipe, run_dir) -> dict:
     m, export = recipe.method, recipe.export
-    if reason := products.skip_reason("merge", recipe):
+    if reason := products.merge_skip_reason(recipe):
         return {"status": "not_applicable", "reason": reason}
     train = run_dir.result("train")
     source = train.get("adapter_dir" if m.is_adapter else "model_dir")

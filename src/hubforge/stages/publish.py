@@ -116,6 +116,10 @@ def ensure_tag(api, repo_id: str, tag: str, commit: str, message: str, token: st
                  f"tagging {repo_id}", token)
 
 
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('publish', 'name', 'method', 'export', 'space')
+
+
 def run(recipe: Recipe, run_dir: RunDir) -> dict:
     files = repo_files(recipe, run_dir)  # gates first: nothing is contacted for a run that must not be published
     checked = preflight(recipe)

@@ -137,7 +137,11 @@ def deploy(recipe: Recipe, run_dir: RunDir, *, api=None, timeout: float | None =
             "variables": sorted(k for k, v in variables.items() if v), "files": sorted(p.name for p in folder.iterdir())}
 
 
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('name', 'base', 'data', 'eval', 'space', 'publish', 'card', 'method', 'train')
+
+
 def run(recipe: Recipe, run_dir: RunDir, timeout: float | None = None) -> dict:
-    if reason := products.skip_reason("space", recipe):
+    if reason := products.space_skip_reason(recipe):
         return {"status": "not_applicable", "reason": reason}
     return deploy(recipe, run_dir, timeout=timeout)

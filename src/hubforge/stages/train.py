@@ -31,6 +31,10 @@ from hubforge.models import bnb_config, check_bitsandbytes, copy_tokenizer_model
 from hubforge.scoring import read_jsonl
 
 
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('base', 'data', 'method', 'train')
+
+
 def run(recipe, run_dir) -> dict:
     data = run_dir.result("data")
     if not data.get("rows_train"):
