@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "space"))
-from space_testing import tiny_gguf  # noqa: E402,F401
+from space_testing import published_gguf_run, tiny_gguf  # noqa: E402,F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.hub]
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,6 @@ def test_space_deploy_from_the_installed_copy(site, tmp_path, make_recipe, tiny_
 
     from hubforge.hub import serve
     from hubforge.recipe import dump_resolved
-    from hubforge.rundir import RunDir
     from hubforge.space_runner import SpaceRunner
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the local Hub speaks LFS, not Xet
@@ -97,16 +96,9 @@ def test_space_deploy_from_the_installed_copy(site, tmp_path, make_recipe, tiny_
         api = HfApi(endpoint=hub.endpoint, token=token)
         name = f"tiny-{uuid.uuid4().hex[:6]}"
         recipe = make_recipe(name=name, space={"examples": ["سلام"]})
-        (recipe.local_path("./base") / "hubforge-base.json").write_text('{"hub_id": "google/gemma-3-270m", "license": "gemma"}')
-        gguf_repo, gguf_file = f"hubforge/{name}-GGUF", f"{name}-Q4_K_M.gguf"
-        api.create_repo(gguf_repo)
-        api.upload_file(path_or_fileobj=str(tiny_gguf), path_in_repo=gguf_file, repo_id=gguf_repo)
+        run_dir = published_gguf_run(api, recipe, tiny_gguf, tmp_path / "run")
         recipe_file = recipe.root / "recipe.yaml"  # no .git/pyproject above it: local paths resolve beside it
         recipe_file.write_text(yaml.safe_dump(yaml.safe_load(dump_resolved(recipe)), allow_unicode=True), "utf-8")
-        run_dir = RunDir.open(tmp_path / "run")
-        entry = {"file": f"gguf/{gguf_file}", "type": "Q4_K_M", "size": tiny_gguf.stat().st_size, "perplexity": 12.5}
-        run_dir.mark("gguf", status="done", result={"files": [entry]})
-        run_dir.mark("publish", status="done", result={"repos": {"gguf": {"repo_id": gguf_repo, "files": [gguf_file]}}})
         env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home")}
         out = installed(site, ["-m", "hubforge.cli", "space", "deploy", str(recipe_file), "--run-dir", str(run_dir.path),
                                "--timeout", "120"], tmp_path, env)
