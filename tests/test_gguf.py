@@ -271,7 +271,7 @@ def test_a_near_tie_parts_greedy_decoding_but_passes_the_f16_gate(exported, tmp_
 
     recipe, run_dir, _ = exported
     merged = run_dir.path / "merge" / "model"
-    prompt = gguf.prompt_ids(AutoTokenizer.from_pretrained(merged), gguf.PROMPTS[0])
+    prompt = gguf.prompt_ids(AutoTokenizer.from_pretrained(merged), [{"role": "user", "content": gguf.PROMPTS[0]}])
     parted = []
     for sign in (1, -1):  # HF prefers the twin, then the original; llama.cpp picks the same one of the tied pair both times
         model = tmp_path / f"tied{sign}"

@@ -105,7 +105,7 @@ def test_count_params_reads_safetensors_headers(tmp_path):
     import numpy as np
     from safetensors.numpy import save_file
 
-    from hubforge.stages.gguf import count_params
+    from hubforge.models import count_params
 
     save_file({"a": np.zeros((3, 4), np.float16), "b": np.zeros((5,), np.float32)}, str(tmp_path / "model-1.safetensors"))
     save_file({"c": np.zeros((2, 2, 2), np.float16)}, str(tmp_path / "model-2.safetensors"))

@@ -30,6 +30,7 @@ if "huggingface_hub" not in sys.modules:  # read at import: keep the client on p
 from hubforge.pipeline import StageError  # noqa: E402
 from hubforge.recipe import resolve  # noqa: E402
 from hubforge.rundir import RunDir  # noqa: E402
+from hubforge import hubclient  # noqa: E402
 from hubforge.stages import publish  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.hub]
@@ -433,27 +434,27 @@ def test_preflight_refusals_never_show_the_token(env, hub, project, monkeypatch)
 def test_write_access_rules_follow_the_hubs_whoami():
     token = lambda role, **extra: {"accessToken": {"role": role, **extra}}  # noqa: E731
     user = {"name": "ana", "orgs": [{"name": "lab", "roleInOrg": "write"}, {"name": "club", "roleInOrg": "read"}]}
-    assert publish._write_access({**user, "auth": token("write")}, "ana") is None
-    assert publish._write_access({**user, "auth": token("write")}, "lab") is None
-    assert "read' role" in publish._write_access({**user, "auth": token("write")}, "club")
-    assert "neither" in publish._write_access({**user, "auth": token("write")}, "zed")
-    assert "read-only" in publish._write_access({**user, "auth": token("read")}, "ana")
+    assert hubclient.write_access({**user, "auth": token("write")}, "ana") is None
+    assert hubclient.write_access({**user, "auth": token("write")}, "lab") is None
+    assert "read' role" in hubclient.write_access({**user, "auth": token("write")}, "club")
+    assert "neither" in hubclient.write_access({**user, "auth": token("write")}, "zed")
+    assert "read-only" in hubclient.write_access({**user, "auth": token("read")}, "ana")
     scoped = {"fineGrained": {"scoped": [{"entity": {"type": "org", "name": "lab"}, "permissions": ["repo.content.read", "repo.write"]}]}}
-    assert publish._write_access({**user, "auth": token("fineGrained", **scoped)}, "lab") is None
-    assert "repo.write" in publish._write_access({**user, "auth": token("fineGrained", **scoped)}, "ana")
+    assert hubclient.write_access({**user, "auth": token("fineGrained", **scoped)}, "lab") is None
+    assert "repo.write" in hubclient.write_access({**user, "auth": token("fineGrained", **scoped)}, "ana")
 
 
 def test_only_the_hugging_face_hub_counts_as_the_real_hub(monkeypatch):
-    assert publish._is_hf_host("https://huggingface.co") and publish._is_hf_host("https://hub-ci.huggingface.co")
-    assert not publish._is_hf_host("http://127.0.0.1:8088") and not publish._is_hf_host("https://huggingface.co.evil.example")
+    assert hubclient.is_hf_host("https://huggingface.co") and hubclient.is_hf_host("https://hub-ci.huggingface.co")
+    assert not hubclient.is_hf_host("http://127.0.0.1:8088") and not hubclient.is_hf_host("https://huggingface.co.evil.example")
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     from huggingface_hub import constants
 
-    assert publish.endpoint() == constants.ENDPOINT.rstrip("/")  # unset: whatever the client uses (huggingface.co)
+    assert hubclient.endpoint() == constants.ENDPOINT.rstrip("/")  # unset: whatever the client uses (huggingface.co)
 
 
 def test_preflight_reports_an_unreachable_hub(env, project, monkeypatch, token):
-    monkeypatch.setattr(publish, "RETRY_DELAYS", (0.1, 0.1))
+    monkeypatch.setattr(hubclient, "RETRY_DELAYS", (0.1, 0.1))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     with pytest.raises(StageError, match="failed against http://127.0.0.1:9") as info:
         publish.preflight(make_recipe(project))
@@ -485,7 +486,7 @@ def test_interrupted_publish_retries_and_completes_without_duplicates(project, r
     small = serve(data, limits=Limits(max_file_bytes=5 * 2**20))
     port, tok = small.port, small.token_path.read_text().strip()
     point_client_at(monkeypatch, small.endpoint, tok, tmp_path / "home")
-    monkeypatch.setattr(publish, "RETRY_DELAYS", (0.5, 1.0, 1.0, 2.0))
+    monkeypatch.setattr(hubclient, "RETRY_DELAYS", (0.5, 1.0, 1.0, 2.0))
     recipe = make_recipe(project)
     try:
         with pytest.raises(StageError, match="committing to hubforge/tiny-pub failed"):
@@ -531,7 +532,7 @@ def test_retry_helper_backs_off_on_5xx_and_gives_up_cleanly_on_4xx():
             raise http_error(503)
         return "ok"
 
-    assert publish.with_retries(flaky, "flaky", delays=(0.01, 0.01, 0.01)) == "ok" and len(calls) == 3
+    assert hubclient.with_retries(flaky, "flaky", delays=(0.01, 0.01, 0.01)) == "ok" and len(calls) == 3
     calls.clear()
 
     def forbidden():
@@ -539,5 +540,5 @@ def test_retry_helper_backs_off_on_5xx_and_gives_up_cleanly_on_4xx():
         raise http_error(403)
 
     with pytest.raises(StageError, match="forbidden failed") as info:
-        publish.with_retries(forbidden, "forbidden", token=secret, delays=(0.01, 0.01))
+        hubclient.with_retries(forbidden, "forbidden", token=secret, delays=(0.01, 0.01))
     assert len(calls) == 1 and secret not in str(info.value)

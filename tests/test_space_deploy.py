@@ -15,10 +15,9 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "space"))
-from space_testing import PERSIAN_PROMPT, stream_chat, tiny_gguf  # noqa: E402,F401
+from space_testing import PERSIAN_PROMPT, published_gguf_run, stream_chat, tiny_gguf  # noqa: E402,F401
 
 from hubforge.pipeline import StageError  # noqa: E402
-from hubforge.rundir import RunDir  # noqa: E402
 from hubforge.stages import space  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.hub]
@@ -60,16 +59,7 @@ def published(local_hub, tiny_gguf, make_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # where the Space app's downloads go
     name = f"tiny-{uuid.uuid4().hex[:6]}"
     recipe = make_recipe(name=name, space={"examples": ["سلام"]})
-    # The Space README names the base's Hub id and licence (card stage); a local base says them in this file.
-    (recipe.local_path("./base") / "hubforge-base.json").write_text('{"hub_id": "google/gemma-3-270m", "license": "gemma"}')
-    gguf_repo, gguf_file = f"hubforge/{name}-GGUF", f"{name}-Q4_K_M.gguf"
-    api.create_repo(gguf_repo)
-    api.upload_file(path_or_fileobj=str(tiny_gguf), path_in_repo=gguf_file, repo_id=gguf_repo)
-    run_dir = RunDir.open(tmp_path / "run")
-    # What the gguf stage records (the card stage validates it when it renders the Space README).
-    entry = {"file": f"gguf/{gguf_file}", "type": "Q4_K_M", "size": tiny_gguf.stat().st_size, "perplexity": 12.5}
-    run_dir.mark("gguf", status="done", result={"files": [entry]})
-    run_dir.mark("publish", status="done", result={"repos": {"gguf": {"repo_id": gguf_repo, "files": [gguf_file]}}})
+    run_dir = published_gguf_run(api, recipe, tiny_gguf, tmp_path / "run")
     return recipe, run_dir
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from hubforge.pipeline import StageError
 from hubforge.space_runner import app_env, app_file
+from hubforge import spaceserve
 from hubforge.stages import space
 
 pytestmark = pytest.mark.unit
@@ -198,14 +199,14 @@ def test_run_dir_env_serves_the_runs_own_files(tmp_path, make_recipe):
     recipe = make_recipe(space={"examples": ["سلام"]})
     (tmp_path / "recipe.resolved.yaml").write_text(dump_resolved(recipe))
     with pytest.raises(StageError, match="run the gguf stage, or serve with --backend transformers"):
-        space.run_dir_env(tmp_path)
+        spaceserve.run_dir_env(tmp_path)
     (tmp_path / "gguf").mkdir()
     (tmp_path / "gguf" / "tiny-test-Q4_K_M.gguf").write_bytes(b"GGUF")
-    env = space.run_dir_env(tmp_path)
+    env = spaceserve.run_dir_env(tmp_path)
     assert env["GGUF_PATH"] == str(tmp_path / "gguf" / "tiny-test-Q4_K_M.gguf") and env["RTL"] == "1"
     assert json.loads(env["EXAMPLES"]) == ["سلام"]
     with pytest.raises(StageError, match="hub_env|--model-repo"):
-        space.hub_env(backend="transformers")
+        spaceserve.hub_env(backend="transformers")
 
 
 # --- the local Hub's Space runner ----------------------------------------------------------------------------------

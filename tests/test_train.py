@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hubforge import models
 from hubforge.pipeline import StageError
 from hubforge.recipe import resolve
 from hubforge.stages import train
@@ -32,31 +33,31 @@ def recipe(tmp_path):
 def test_lora_config(recipe):
     r = recipe({"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
                                          "use_rslora": True, "modules_to_save": ["lm_head"]}})
-    cfg = train.peft_config(r)
+    cfg = models.peft_config(r)
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora) == (4, 8, 0.1, True)
     assert set(cfg.target_modules) == {"q_proj", "v_proj"} and cfg.modules_to_save == ["lm_head"]
-    assert cfg.task_type == "CAUSAL_LM" and train.lora_config(r.method).bias == "none"
-    assert train.bnb_config(r.method) is None
+    assert cfg.task_type == "CAUSAL_LM" and models.lora_config(r.method).bias == "none"
+    assert models.bnb_config(r.method) is None
 
 
 def test_qlora_bnb_config(recipe):
     import torch
 
     r = recipe({"name": "qlora", "quantization": {"compute_dtype": "float32", "double_quant": True}})
-    q = train.bnb_config(r.method)
+    q = models.bnb_config(r.method)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype == torch.float32
-    assert train.peft_config(r).r == 8  # qlora trains a LoRA on top
+    assert models.peft_config(r).r == 8  # qlora trains a LoRA on top
 
 
 def test_prompt_learning_configs(recipe, tmp_path):
-    pt = train.peft_config(recipe({"name": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 7, "init_text": "Answer:"}}), tmp_path)
+    pt = models.peft_config(recipe({"name": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 7, "init_text": "Answer:"}}), tmp_path)
     assert pt.num_virtual_tokens == 7 and pt.prompt_tuning_init == "TEXT"
     assert pt.prompt_tuning_init_text == "Answer:" and pt.tokenizer_name_or_path == str(tmp_path)
-    assert train.peft_config(recipe({"name": "prompt_tuning"})).prompt_tuning_init == "RANDOM"
-    pe = train.peft_config(recipe({"name": "p_tuning", "p_tuning": {"encoder_hidden_size": 64, "encoder_type": "LSTM"}}))
+    assert models.peft_config(recipe({"name": "prompt_tuning"})).prompt_tuning_init == "RANDOM"
+    pe = models.peft_config(recipe({"name": "p_tuning", "p_tuning": {"encoder_hidden_size": 64, "encoder_type": "LSTM"}}))
     assert pe.encoder_hidden_size == 64 and pe.encoder_reparameterization_type == "LSTM"
-    assert train.peft_config(recipe({"name": "full"})) is None
+    assert models.peft_config(recipe({"name": "full"})) is None
 
 
 def test_sft_config_maps_every_train_field(recipe, tmp_path):
@@ -119,7 +120,7 @@ def test_full_trains_all_or_only_named_modules(tiny_model):
 
 def test_param_count_from_headers_and_disk_estimate(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path, safe_serialization=True)
-    assert train.count_params(tmp_path) == sum(p.numel() for p in tiny_model.parameters())
+    assert models.count_params(tmp_path) == sum(p.numel() for p in tiny_model.parameters())
     full = train.checkpoint_bytes("full", 10**9, 2, False)
     assert full > 3 * 12 * 10**9 and train.checkpoint_bytes("lora", 10**9, 2, False) < full / 10
     assert train.checkpoint_bytes("lora", 10**9, 2, True) == full  # modules_to_save trains whole matrices
@@ -147,16 +148,16 @@ def test_log_drops_steps_after_the_checkpoint(tmp_path):
 
 
 def test_qlora_without_bitsandbytes_fails_before_loading(monkeypatch):
-    real = train.importlib.import_module
+    real = models.importlib.import_module
 
     def fake(name, *a):
         if name == "bitsandbytes":
             raise ImportError("No module named 'bitsandbytes'")
         return real(name, *a)
 
-    monkeypatch.setattr(train.importlib, "import_module", fake)
+    monkeypatch.setattr(models.importlib, "import_module", fake)
     with pytest.raises(StageError, match="qlora needs a working bitsandbytes.*method.name: lora"):
-        train.check_bitsandbytes()
+        models.check_bitsandbytes()
 
 
 class FakeRunDir:
@@ -189,7 +190,7 @@ def test_unreachable_hub_base_names_hf_endpoint_and_local_paths(recipe, tmp_path
     hub_base = resolve({"name": "train-test", "base": {"model": "google/gemma-3-270m"}, "method": {"name": "lora"},
                         "data": {"files": ["data/chat.jsonl"], "format": "messages"}}, root=tmp_path)
     with pytest.raises(StageError, match="cannot be fetched from http://127.0.0.1:9.*HF_ENDPOINT.*local checkpoint folder"):
-        train.resolve_base(hub_base)
+        models.resolve_base(hub_base)
 
 
 def test_missing_data_stage_output(recipe, tmp_path):

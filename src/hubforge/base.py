@@ -44,10 +44,6 @@ KNOWN_BASES: dict[str, dict] = {
 EMBEDDED_PACKAGE_VERSION = "1.0.0"
 
 
-def base_facts(model: str) -> dict | None:
-    return KNOWN_BASES.get(model)
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("HUBFORGE_CACHE", Path.home() / ".cache" / "hubforge"))
 
@@ -76,7 +72,9 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        from hubforge import hubclient
+
+        endpoint = hubclient.endpoint()
         raise ConnectionError(
             f"base.model {repo_id!r} (revision {revision or 'main'}) cannot be fetched from {endpoint}: {type(exc).__name__}. "
             "Offline? Point HF_ENDPOINT at a reachable Hub (e.g. `hubforge hub serve`), or set base.model to a local "

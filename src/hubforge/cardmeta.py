@@ -21,14 +21,11 @@ from pathlib import Path
 import jsonschema
 from huggingface_hub import EvalResult, ModelCardData
 
-import hubforge
-from hubforge.pipeline import StageError
+from hubforge import products, scoring, shipped
+from hubforge.errors import StageError
 
 HUB_URL = "https://huggingface.co"
-KINDS = ("adapter", "merged", "gguf")
-LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}
-# A LoRA folded into its base is a fine-tune of that base; the Hub's `merge` means a merge of several models.
-RELATION = {"adapter": "adapter", "merged": "finetune", "gguf": "quantized"}
+KINDS = products.MODEL_KINDS  # the model cards; each kind's library, relation and template: products.KINDS
 METHOD_TAGS = {"lora": ("lora",), "qlora": ("qlora", "lora"), "prompt_tuning": ("prompt-tuning", "prompt_tuning"),
                "p_tuning": ("p-tuning", "p_tuning"), "full": ("full-finetune", "full")}
 # Licences whose terms let a derivative be distributed under another licence (notices still kept).
@@ -62,10 +59,8 @@ FIELD_SOURCES = {"license": "card.license / base.license", "language": "card.lan
 
 
 def cards_dir() -> Path:
-    """The `cards/` folder (schema + templates): inside the package when a wheel ships it there as package data,
-    else the repository's top-level `cards/` beside `src/` (the editable install)."""
-    package = Path(hubforge.__file__).resolve().parent
-    return package / "cards" if (package / "cards").is_dir() else package.parents[1] / "cards"
+    """The `cards/` folder (schema + templates), in a wheel or in the repository (hubforge.shipped)."""
+    return shipped.folder("cards")
 
 
 @lru_cache(maxsize=1)
@@ -128,26 +123,30 @@ def check_names(recipe, repos: dict, licence: dict) -> None:
                              f"{recipe.method.name}; remove the tag (the card adds the method's own tag)")
 
 
-def repos(recipe, manifest: dict) -> dict[str, str]:
-    """kind -> repo id of the repos this run produces (what the manifest says exists), plus the Space."""
-    stages = manifest.get("stages", {})
-    result = {name: stages.get(name, {}).get("result") or {} for name in ("train", "merge", "gguf")}
-    out = {}
-    if recipe.method.is_adapter and result["train"].get("adapter_dir"):
-        out["adapter"] = recipe.publish.adapter_repo
-    if result["merge"].get("model_dir"):
-        out["merged"] = recipe.publish.merged_repo
-    if result["gguf"].get("files"):
-        out["gguf"] = recipe.publish.gguf_repo
-    if recipe.space.enabled:
-        out["space"] = recipe.space.id
-    return out
+repos = products.produced_repos  # kind -> repo id of what this run produced, plus the Space
 
 
 # ---------------------------------------------------------------- eval results -> EvalResult
 @lru_cache(maxsize=1)
 def results_schema() -> dict:
     return json.loads(resources.files("hubforge").joinpath("schema/eval-results.schema.json").read_text("utf-8"))
+
+
+def load_results(run_dir) -> dict:
+    """evaluate/results.json of the run, checked against its schema; {} when the evaluate stage has not run."""
+    path = run_dir.path / "evaluate" / "results.json"
+    status = run_dir.stage("evaluate").get("status")
+    if status != "done":  # not run: the cards say that no evaluation was recorded
+        return {}
+    if not path.is_file():
+        raise StageError(f"the evaluate stage is done but {path} is missing; re-run it "
+                         f"(hubforge run RECIPE --stages evaluate --force)")
+    try:
+        results = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path}: not valid JSON ({exc}); re-run the evaluate stage") from None
+    check_results(results)
+    return results
 
 
 def check_results(results: dict) -> None:
@@ -165,7 +164,7 @@ def card_rows(kind: str, results: dict) -> list[dict]:
     model, else on the model the eval stage compared (the merge stage verified they compute the same function).
     Each row gains `measured_on` (the model kind) and `own` (measured on this card's model)."""
     models = {key: m.get("kind") for key, m in (results.get("models") or {}).items()}
-    prefer = {"adapter": ("adapter",), "merged": ("merged", "full"), "gguf": ("merged", "full")}.get(kind, ())
+    prefer = products.KINDS[kind].measured_on
     groups: dict[tuple, list[dict]] = {}
     for row in results.get("summary") or []:
         groups.setdefault((row["section"], row["task"], row["metric"], row["split"]), []).append(row)
@@ -187,8 +186,7 @@ def held_out_dataset(recipe, results: dict, data_result: dict) -> dict:
     """The held-out rows as a model-index dataset: the same name/type/split/revision on every card of a run."""
     data = results.get("data") or {}
     source = data.get("source") or data_result.get("source") or {}
-    d = recipe.data
-    held = d.eval_split or f"{d.eval_fraction:g} of {d.split} held out with seed {recipe.train.seed}"  # as evaluate names it
+    held = scoring.split_name(recipe)  # as the evaluate stage names it
     name = recipe.data.hub or ", ".join(Path(f).name for f in recipe.data.files)
     return {"type": recipe.data.hub or "json", "name": f"{name} (held-out rows)", "split": data.get("split") or held,
             "revision": source.get("revision") or data.get("fingerprint") or data_result.get("fingerprint") or "unknown"}
@@ -261,9 +259,9 @@ def card_metadata(kind: str, recipe, manifest: dict, results: dict) -> ModelCard
                                *(["gguf", "llama.cpp"] if kind == "gguf" else [])]))
     return ModelCardData(
         license=licence["license"], license_name=licence.get("license_name"), license_link=licence.get("license_link"),
-        language=list(recipe.card.languages) or None, base_model=base_model, base_model_relation=RELATION[kind],
+        language=list(recipe.card.languages) or None, base_model=base_model, base_model_relation=products.KINDS[kind].relation,
         datasets=[recipe.data.hub] if recipe.data.hub else None, tags=tags, pipeline_tag="text-generation",
-        library_name=LIBRARY[kind], model_name=produced.get(kind) if evals else None, eval_results=evals or None,
+        library_name=products.KINDS[kind].library, model_name=produced.get(kind) if evals else None, eval_results=evals or None,
     )
 
 
@@ -317,8 +315,9 @@ def metadata_problems(meta: dict) -> list[str]:
 def validate_metadata(meta: dict, kind: str) -> None:
     """Raise StageError naming every bad field; also the kind's library_name (peft / transformers / gguf)."""
     problems = metadata_problems(meta)
-    if meta.get("library_name") != LIBRARY[kind]:
-        problems.append(f"library_name: {meta.get('library_name')!r} on the {kind} card; it must be {LIBRARY[kind]!r}")
+    library = products.KINDS[kind].library
+    if meta.get("library_name") != library:
+        problems.append(f"library_name: {meta.get('library_name')!r} on the {kind} card; it must be {library!r}")
     if problems:
         raise StageError(f"{kind} card metadata is invalid:\n  " + "\n  ".join(problems))
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from huggingface_hub import ModelCardData
 
 from hubforge.base import EMBEDDED_PACKAGE_VERSION
-from hubforge.cardmeta import HUB_URL, base_facts, card_rows, repos, resolve_license
+from hubforge import products
+from hubforge.cardmeta import HUB_URL, base_facts, card_rows, resolve_license
 from hubforge.redact import redact
 
 METHOD_LABELS = {"lora": "LoRA", "qlora": "QLoRA", "prompt_tuning": "prompt tuning", "p_tuning": "P-tuning",
@@ -200,7 +201,7 @@ def eval_failures(results: dict) -> list[str]:
 
 def sample_rows(kind: str, results: dict) -> list[dict]:
     models = {key: m.get("kind") for key, m in (results.get("models") or {}).items()}
-    prefer = {"adapter": ("adapter",)}.get(kind, ("merged", "full"))
+    prefer = products.KINDS[kind].measured_on or products.KINDS["merged"].measured_on  # the Space serves the merged model
     own = next((k for k in models if models[k] in prefer), results.get("tuned"))
 
     def text(value) -> str:
@@ -268,12 +269,10 @@ def provenance_rows(recipe, manifest: dict, facts: dict, data: dict) -> list[tup
 
 
 def links(produced: dict, current: str) -> list[tuple[str, str]]:
-    labels = {"adapter": "Adapter (PEFT)", "merged": "Merged model (transformers)", "gguf": "GGUF (llama.cpp, Ollama)",
-              "space": "Demo (Gradio Space)"}
     out = []
     for kind, repo in produced.items():
         url = f"{HUB_URL}/spaces/{repo}" if kind == "space" else f"{HUB_URL}/{repo}"
-        out.append((labels[kind] + (" — this repo" if kind == current else ""), f"[{repo}]({url})"))
+        out.append((products.KINDS[kind].label + (" — this repo" if kind == current else ""), f"[{repo}]({url})"))
     return out
 
 
@@ -299,10 +298,10 @@ def card_context(kind: str, recipe, manifest: dict, results: dict, data: ModelCa
     res = {n: stages.get(n, {}).get("result") or {} for n in ("data", "train", "merge", "gguf")}
     facts = base_facts(recipe)
     licence = resolve_license(recipe, facts)
-    produced = repos(recipe, manifest)
+    produced = products.produced_repos(recipe, manifest)
     data_table = data_rows(recipe, res["data"])
     files = [f for f in res["gguf"].get("files") or [] if "lora" not in Path(f["file"]).name.lower()]
-    wanted = f"{recipe.name}-{recipe.space.gguf_file}.gguf"
+    wanted = products.gguf_name(recipe, recipe.space.gguf_file)
     names = [Path(f["file"]).name for f in files]
     default_gguf = wanted if wanted in names or not names else names[0]  # the Space's quant, else the first file
     lora = res["gguf"].get("lora_gguf") or {}

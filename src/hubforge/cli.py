@@ -142,13 +142,13 @@ def _print_dry_run(recipe, folder: Path, as_json: bool) -> None:
 @app.command()
 def status(run_dir: Path = typer.Argument(...), as_json: bool = JSON) -> None:
     """Show the state of each stage in a run directory (a killed run shows `interrupted`)."""
-    from hubforge.pipeline import registry
+    from hubforge.pipeline import STAGES
     from hubforge.rundir import RunDir
 
     if not (run_dir / "manifest.json").is_file():
         _fail(f"{run_dir} has no manifest.json; is it a hubforge run directory?")
     rd = RunDir.open(run_dir)
-    names = [s.name for s in registry()] + [n for n in rd.manifest["stages"] if n not in {s.name for s in registry()}]
+    names = [s.name for s in STAGES] + [n for n in rd.manifest["stages"] if n not in {s.name for s in STAGES}]
     states = {name: rd.stage(name) for name in names}
     if as_json:
         typer.echo(json.dumps(states, indent=2, ensure_ascii=False))
@@ -206,12 +206,11 @@ def space_deploy(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
     from hubforge import pipeline
     from hubforge.rundir import RunDir
 
-    if timeout is not None:
-        os.environ["HUBFORGE_SPACE_TIMEOUT"] = str(timeout)
     recipe = _load(recipe_path, overrides)
     folder = run_dir or pipeline.default_run_dir(recipe)
     try:
-        pipeline.run(recipe, RunDir.open(folder), ["space"], force=True, echo=typer.echo, publish=True)
+        pipeline.run(recipe, RunDir.open(folder), ["space"], force=True, echo=typer.echo, publish=True,
+                     options={"space": {"timeout": timeout}})
     except (pipeline.StageError, FileNotFoundError, ConnectionError, RuntimeError, ValueError) as exc:
         _fail(f"error: {exc}\n(run directory: {folder})")
     result = RunDir.open(folder).result("space")
@@ -226,22 +225,22 @@ def space_serve(run_dir: Optional[Path] = typer.Option(None, help="Serve a run d
                 adapter_repo: Optional[str] = typer.Option(None),
                 host: str = typer.Option("127.0.0.1"), port: int = typer.Option(7860)) -> None:
     """Run the Space app (space/app.py) locally, on a run directory or on Hub repos."""
-    from hubforge.pipeline import StageError
-    from hubforge.stages import space
+    from hubforge import spaceserve
+    from hubforge.errors import StageError
 
     if backend not in (None, "gguf", "transformers"):
         _fail(f"--backend must be gguf or transformers, not {backend!r}")
     try:
         if run_dir is not None:
-            env = space.run_dir_env(run_dir, backend)
+            env = spaceserve.run_dir_env(run_dir, backend)
         elif model_repo or gguf_repo:
-            env = space.hub_env(model_repo, gguf_repo, gguf_file, adapter_repo, backend)
+            env = spaceserve.hub_env(model_repo, gguf_repo, gguf_file, adapter_repo, backend)
         else:
             _fail("pass --run-dir DIR, or --model-repo / --gguf-repo with --gguf-file")
     except StageError as exc:
         _fail(f"error: {exc}")
     typer.echo(f"serving the Space app ({env['BACKEND']}) on http://{host}:{port}", err=True)
-    raise typer.Exit(space.serve(env, host=host, port=port))
+    raise typer.Exit(spaceserve.serve(env, host=host, port=port))
 
 
 @app.command()

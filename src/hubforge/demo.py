@@ -40,11 +40,12 @@ def run_demo(recipe_path: Path, data_dir: Path, overrides: list[str], keep_servi
     from hubforge.hub import serve
     from hubforge.recipe import load_recipe
     from hubforge.rundir import RunDir
+    from hubforge.space_runner import attach
 
     hub = serve(data_dir, port=port)
     try:
         os.environ["HF_TOKEN"] = hub.token_path.read_text("utf-8").strip()
-        _attach_space_runner(hub)
+        attach(hub)  # the local Hub runs the Space's app once it is deployed
         recipe = load_recipe(recipe_path, overrides)
         folder = run_dir or pipeline.default_run_dir(recipe)
         echo(f"local Hub: {hub.endpoint} (data in {data_dir})\nrun directory: {folder}")
@@ -60,14 +61,6 @@ def run_demo(recipe_path: Path, data_dir: Path, overrides: list[str], keep_servi
         return summary
     finally:
         hub.stop()
-
-
-def _attach_space_runner(hub) -> None:
-    try:
-        from hubforge.space_runner import attach
-    except ImportError:  # a hubforge without the Space runner: Spaces are stored but not run
-        return
-    attach(hub)
 
 
 def summarize(run_dir, endpoint: str) -> dict:

@@ -1,7 +1,8 @@
 """The stage registry and the loop that runs stages through a run directory.
 
-A stage is one module in `hubforge.stages` with an entry function `run(recipe, run_dir) -> dict`. It reads
-the recipe sections it names and the outputs of the stages it needs (from `run_dir`), writes only into
+A stage is one module in `hubforge.stages` with an entry function `run(recipe, run_dir) -> dict` and, beside it,
+`SECTIONS`: the recipe sections it reads. It reads those and the outputs of the stages it needs (from `run_dir`),
+imports only the floors below it (never another stage), writes only into
 `run_dir.stage_dir(<its name>)`, and returns a JSON-able result that lands in the manifest. A stage that has
 nothing to do for a recipe (e.g. `merge` for prompt tuning) returns `{"status": "not_applicable", "reason": ...}`.
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import json
 import time
 import traceback
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from hubforge import versions
+from hubforge import hubclient, versions
+from hubforge.errors import StageError
 from hubforge.recipe import Recipe, dump_resolved
 from hubforge.redact import redact
 from hubforge.rundir import RunDir, now, stage_host_fields
@@ -37,7 +38,6 @@ STAGE_CODE_VERSION = "1"
 class Stage:
     name: str
     needs: tuple[str, ...]
-    sections: tuple[str, ...]
     summary: str
     module_path: str = ""  # default hubforge.stages.<name>; tests point it elsewhere
     publishes: bool = False  # has Hub side effects: runs only when publishing was asked for
@@ -46,55 +46,40 @@ class Stage:
     def module(self) -> str:
         return self.module_path or f"hubforge.stages.{self.name}"
 
-    @property
-    def available(self) -> bool:
-        return importlib.util.find_spec(self.module) is not None
-
     def entry(self) -> Callable[[Recipe, RunDir], dict]:
         return importlib.import_module(self.module).run
 
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The recipe sections the stage reads, declared next to its `run` (imported on use: plan stays light)."""
+        return importlib.import_module(self.module).SECTIONS
+
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", (), ("base", "data", "train"), "load, format and split the dataset; fingerprint it"),
-    Stage("train", ("data",), ("base", "method", "train"), "fine-tune with TRL SFTTrainer + PEFT (resumable)"),
-    Stage("merge", ("train",), ("base", "method", "export", "eval", "data"), "merge the adapter into a 16-bit base and verify it"),
-    Stage("evaluate", ("data", "train", "merge"), ("base", "method", "data", "eval"), "base vs tuned: loss, perplexity, QA, samples, lm-eval"),
-    Stage("gguf", ("merge", "train"), ("name", "base", "data", "eval", "export", "method"), "GGUF f16 + llama.cpp quants, each verified"),
-    Stage("card", ("data", "train", "merge", "evaluate", "gguf"), ("name", "base", "data", "method", "train", "eval", "export", "card", "publish", "space"), "render and validate model cards"),
-    Stage("publish", ("train", "merge", "gguf", "card"), ("publish",), "push adapter, merged and GGUF repos", publishes=True),
-    Stage("space", ("publish",), ("name", "base", "data", "eval", "space", "publish", "card"), "deploy the Gradio Space and wait for RUNNING", publishes=True),
+    Stage("data", (), "load, format and split the dataset; fingerprint it"),
+    Stage("train", ("data",), "fine-tune with TRL SFTTrainer + PEFT (resumable)"),
+    Stage("merge", ("train",), "merge the adapter into a 16-bit base and verify it"),
+    Stage("evaluate", ("data", "train", "merge"), "base vs tuned: loss, perplexity, QA, samples, lm-eval"),
+    Stage("gguf", ("merge", "train"), "GGUF f16 + llama.cpp quants, each verified"),
+    Stage("card", ("data", "train", "merge", "evaluate", "gguf"), "render and validate model cards"),
+    Stage("publish", ("train", "merge", "gguf", "card"), "push adapter, merged and GGUF repos", publishes=True),
+    Stage("space", ("publish",), "deploy the Gradio Space and wait for RUNNING", publishes=True),
 )
 
 
-class StageError(RuntimeError):
-    """A stage refused or failed in a way the user can act on (message says what and how to fix it)."""
-
-
 def get_stage(name: str) -> Stage:
-    for stage in registry():
+    for stage in STAGES:
         if stage.name == name:
             return stage
-    raise StageError(f"unknown stage {name!r}; stages are: {', '.join(s.name for s in registry())}")
-
-
-def registry() -> tuple[Stage, ...]:
-    """The stages in order (read at call time, so tests can swap `pipeline.STAGES`)."""
-    return STAGES
-
-
-def available_stages() -> list[Stage]:
-    return [s for s in registry() if s.available]
+    raise StageError(f"unknown stage {name!r}; stages are: {', '.join(s.name for s in STAGES)}")
 
 
 def select_stages(names: list[str] | None, publish: bool = False) -> list[Stage]:
     """The stages to run, in pipeline order. Without `publish`, stages with Hub side effects are left out."""
     if not names:
-        return [s for s in available_stages() if publish or not s.publishes]
+        return [s for s in STAGES if publish or not s.publishes]
     chosen = [get_stage(n) for n in names]
-    missing = [s.name for s in chosen if not s.available]
-    if missing:
-        raise StageError(f"stage(s) {', '.join(missing)} are not implemented in this version of hubforge")
-    order = [s.name for s in registry()]
+    order = [s.name for s in STAGES]
     return sorted(chosen, key=lambda s: order.index(s.name))
 
 
@@ -124,16 +109,18 @@ def default_run_dir(recipe: Recipe, runs_root: Path = Path("runs")) -> Path:
 
 def preflight(recipe: Recipe, selected: list[Stage]) -> None:
     """Checks that must pass before any expensive stage: today, Hub credentials and names when publishing."""
-    if any(s.publishes for s in selected) and get_stage("publish").available:
-        importlib.import_module("hubforge.stages.publish").preflight(recipe)
+    if any(s.publishes for s in selected):
+        hubclient.preflight(recipe)
 
 
 def run(recipe: Recipe, run_dir: RunDir, stages: list[str] | None = None, force: bool = False,
-        echo: Callable[[str], None] = print, publish: bool = False) -> dict[str, dict]:
+        echo: Callable[[str], None] = print, publish: bool = False,
+        options: dict[str, dict] | None = None) -> dict[str, dict]:
     """Run the selected stages in order; returns {stage: manifest entry}. Raises on the first failing stage.
 
     `publish=True` adds the stages with Hub side effects (publish, space) and runs their preflight first, so a
-    bad token or namespace stops the run before training.
+    bad token or namespace stops the run before training. `options` are keyword arguments for a stage's entry
+    function that are not recipe data (e.g. {"space": {"timeout": 60}} from `hubforge space deploy --timeout`).
     """
     versions.check()
     selected = select_stages(stages, publish)
@@ -146,7 +133,7 @@ def run(recipe: Recipe, run_dir: RunDir, stages: list[str] | None = None, force:
         for stage in selected:
             for need in stage.needs:
                 state = run_dir.stage(need)["status"]
-                if need not in selected_names and state not in ("done", "not_applicable") and get_stage(need).available:
+                if need not in selected_names and state not in ("done", "not_applicable"):
                     raise StageError(f"stage {stage.name!r} needs {need!r}, which is {state} in {run_dir.path}; "
                                      f"add it to --stages or run without --stages")
             digest = inputs_hash(stage, recipe, run_dir)
@@ -164,7 +151,7 @@ def run(recipe: Recipe, run_dir: RunDir, stages: list[str] | None = None, force:
             run_dir.mark(stage.name, status="running", started_at=now(), ended_at=None, inputs_hash=digest, error=None,
                          **stage_host_fields())
             try:
-                result = stage.entry()(recipe, run_dir) or {}
+                result = stage.entry()(recipe, run_dir, **(options or {}).get(stage.name, {})) or {}
             except BaseException as exc:
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
                 run_dir.mark(stage.name, status=status, ended_at=now(), error=redact(f"{type(exc).__name__}: {exc}"),

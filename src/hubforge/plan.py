@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 
+from hubforge import products
 from hubforge.base import KNOWN_BASES, embedded_dir
 from hubforge.pipeline import STAGES
 from hubforge.recipe import Recipe
 
-# Nominal bits per weight of llama.cpp types (mixed K-quants are averages over a typical model).
-GGUF_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54, "Q5_0": 5.5,
-             "Q5_1": 6.0, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.27, "Q3_K_M": 3.91,
-             "Q3_K_S": 3.5, "Q2_K": 3.35, "IQ4_NL": 4.5, "TQ1_0": 1.69, "TQ2_0": 2.06}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -95,23 +92,12 @@ def disk_estimate(recipe: Recipe, params: dict) -> dict:
     out = {"adapter_mb": mb(params["trainable"] * 4) if recipe.method.is_adapter else 0.0}
     checkpoint = params["trainable"] * 4 * 3
     out["checkpoints_mb"] = mb(checkpoint * recipe.train.save_total_limit)
-    mergeable = recipe.method.is_mergeable and recipe.export.merge
-    out["merged_mb"] = mb(params["total"] * DTYPE_BYTES[recipe.export.merge_dtype]) if mergeable else 0.0
-    gg = recipe.export.gguf
-    out["gguf_mb"] = {t: mb(params["total"] * GGUF_BITS[t] / 8) for t in gguf_types(recipe)} if mergeable and gg.enabled else {}
+    merged = products.applies("merge", recipe)
+    out["merged_mb"] = mb(params["total"] * DTYPE_BYTES[recipe.export.merge_dtype]) if merged else 0.0
+    out["gguf_mb"] = ({t: mb(params["total"] * products.GGUF_BITS[t] / 8) for t in products.gguf_types(recipe)}
+                      if products.applies("gguf", recipe) else {})
     out["total_mb"] = round(out["adapter_mb"] + out["checkpoints_mb"] + out["merged_mb"] + sum(out["gguf_mb"].values()), 1)
     return out
-
-
-def gguf_types(recipe: Recipe) -> list[str]:
-    return [recipe.export.gguf.outtype] + list(recipe.export.gguf.quants)
-
-
-def gguf_files(recipe: Recipe) -> list[str]:
-    if not (recipe.method.is_mergeable and recipe.export.merge and recipe.export.gguf.enabled):
-        return []
-    files = [f"{recipe.name}-{t}.gguf" for t in gguf_types(recipe)]
-    return files + ([f"{recipe.name}-LoRA-F16.gguf"] if recipe.export.gguf.lora else [])
 
 
 def token_estimate(recipe: Recipe) -> dict:
@@ -150,20 +136,17 @@ def build_plan(recipe: Recipe) -> dict:
     a = architecture(recipe)
     params = parameter_counts(recipe, a) if a else None
     m = recipe.method
-    mergeable = m.is_mergeable and recipe.export.merge
-    repos = {"adapter": recipe.publish.adapter_repo if m.is_adapter else None,
-             "merged": recipe.publish.merged_repo if mergeable else None,
-             "gguf": recipe.publish.gguf_repo if gguf_files(recipe) else None}
+    planned = products.planned_repos(recipe)
     return {
         "recipe": {"name": recipe.name, "source": recipe.source, "sha256": recipe.sha256},
         "base": {"model": recipe.base.model, "revision": recipe.base.revision,
                  "license": recipe.base.license or (KNOWN_BASES.get(recipe.base.model) or {}).get("license")},
         "data": {"source": recipe.data.hub or list(recipe.data.files), "revision": recipe.data.revision, "format": recipe.data.format},
         "method": {"name": m.name, **{k: v for k, v in _section(m).items() if k != "name"}},
-        "stages": [{"name": s.name, "applies": _applies(s.name, recipe), "summary": s.summary} for s in STAGES],
-        "repos": repos,
+        "stages": [{"name": s.name, "applies": products.applies(s.name, recipe), "summary": s.summary} for s in STAGES],
+        "repos": {kind: planned.get(kind) for kind in products.MODEL_KINDS},
         "space": recipe.space.id if recipe.space.enabled else None,
-        "gguf_files": gguf_files(recipe),
+        "gguf_files": products.gguf_files(recipe),
         "warnings": warnings(recipe),
         "estimates": {
             "architecture_source": a["source"] if a else None,
@@ -197,14 +180,6 @@ def _section(obj) -> dict:
     from hubforge.recipe import _plain
 
     return {k: v for k, v in _plain(obj).items() if v is not None}
-
-
-def _applies(stage: str, recipe: Recipe) -> bool:
-    if stage in ("merge", "gguf"):
-        return recipe.method.is_mergeable and recipe.export.merge and (stage == "merge" or recipe.export.gguf.enabled)
-    if stage == "space":
-        return recipe.space.enabled
-    return True
 
 
 def render(plan: dict, fmt: str) -> str:

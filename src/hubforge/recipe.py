@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -326,6 +327,11 @@ def schema() -> dict:
     return json.loads(resources.files("hubforge").joinpath("schema/recipe.schema.json").read_text("utf-8"))
 
 
+def method_names() -> list[str]:
+    """The methods the schema knows (method.name's enum)."""
+    return schema()["properties"]["method"]["properties"]["name"]["enum"]
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.learning_rate=1e-4` -> (['train', 'learning_rate'], 0.0001); the value is read as YAML."""
     if "=" not in text:
@@ -398,7 +404,7 @@ def _semantic_problems(data: dict, root: Path, where) -> list[str]:
     base, dat, method = data.get("base", {}), data.get("data", {}), data.get("method", {})
     name = method.get("name")
     for section, owners in METHOD_SECTIONS.items():
-        if section in method and name in ("qlora", "lora", "prompt_tuning", "p_tuning", "full") and name not in owners:
+        if section in method and name in method_names() and name not in owners:
             problems.append(where(["method", section], f"parameters for {' / '.join(owners)} do not belong to method {name!r}; remove them or change method.name"))
     if ("hub" in dat) == ("files" in dat):
         problems.append(where(["data"], "give exactly one of data.hub (a Hub dataset id) or data.files (local files)"))
@@ -538,31 +544,23 @@ def resolve(raw: Any, *, source: str = "<memory>", root: Path | None = None, ove
 
 
 def _typed(d: dict, source: str, root: Path) -> Recipe:
-    def build(cls, values):
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in values:
-                v = values[f.name]
-                kwargs[f.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kwargs)
+    """The typed recipe of resolved data: each dataclass built from its section, nested sections recursively
+    (a method subsection absent from the data stays None); lists become tuples, as the dataclasses are frozen."""
+    return dataclasses.replace(_build(Recipe, d), source=source, root=root)
 
-    m = d["method"]
-    method = Method(
-        name=m["name"],
-        lora=build(Lora, m["lora"]) if "lora" in m else None,
-        quantization=build(Quantization, m["quantization"]) if "quantization" in m else None,
-        prompt_tuning=build(PromptTuning, m["prompt_tuning"]) if "prompt_tuning" in m else None,
-        p_tuning=build(PTuning, m["p_tuning"]) if "p_tuning" in m else None,
-        full=build(Full, m["full"]) if "full" in m else None,
-    )
-    ev = dict(d["eval"], lm_eval=build(LmEval, d["eval"]["lm_eval"]))
-    export = dict(d["export"], gguf=build(Gguf, d["export"]["gguf"]))
-    return Recipe(
-        name=d["name"], base=build(Base, d["base"]), data=build(Data, d["data"]), method=method,
-        train=build(Train, d["train"]), eval=build(Eval, ev), export=build(Export, export),
-        card=build(Card, d["card"]), publish=build(Publish, d["publish"]), space=build(Space, d["space"]),
-        source=source, root=root,
-    )
+
+def _build(cls, values: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values or not f.init:
+            continue
+        value = values[f.name]
+        nested = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if dataclasses.is_dataclass(t)]
+        if nested and isinstance(value, dict):
+            value = _build(nested[0], value)
+        kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), root: Path | None = None) -> Recipe:
@@ -598,6 +596,16 @@ def find_recipes(paths: list[str | Path]) -> list[Path]:
         else:
             found.append(p)
     return found
+
+
+def read_resolved(path: str | Path) -> Recipe:
+    """The typed recipe a run directory saved (`recipe.resolved.yaml`, every default already filled in)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+        return _typed(data, str(path), path.parent)
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise RecipeError(str(path), [f"{path}: not a resolved recipe written by hubforge ({type(exc).__name__}: {exc})"]) from None
 
 
 def dump_resolved(recipe: Recipe) -> str:

@@ -6,32 +6,34 @@ For each repo the run produced: metadata through huggingface_hub's `ModelCardDat
 -> our strict JSON Schema (cards/schema/) -> `ModelCard.from_template` with cards/templates/<kind>.md.j2 -> the
 README parsed back with huggingface_hub, whose metadata and model-index must equal what went in -> no token-like
 strings. Any failure is a StageError naming the field, so nothing wrong reaches `publish`. Outputs
-`card/<kind>/README.md`. The Space's README (`render_space_readme`) is rendered by the space stage, checked here too.
+`card/<kind>/README.md`. The Space's README (hubforge.spacecard) is rendered by the space stage, checked here too.
 """
 from __future__ import annotations
 
-import json
-from importlib import metadata
-
 import yaml
-from huggingface_hub import CardData, ModelCard, SpaceCard
+from huggingface_hub import ModelCard
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-from hubforge.cardmeta import (KINDS, base_facts, card_metadata, cards_dir, check_results, repos, resolve_license,
+from hubforge import products
+from hubforge.cardmeta import (KINDS, base_facts, card_metadata, cards_dir, load_results, resolve_license,
                                validate_metadata)
 from hubforge.cardtext import card_context
-from hubforge.pipeline import StageError
+from hubforge.errors import StageError
 from hubforge.recipe import Recipe
 from hubforge.redact import redact
 from hubforge.rundir import RunDir
+from hubforge.spacecard import render_space_readme
 
 __all__ = ["run", "render_card", "render_space_readme", "check_card", "cards_dir"]
-SPACE_COLORS = ("red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray")
+
+
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('name', 'base', 'data', 'method', 'train', 'eval', 'export', 'card', 'publish', 'space')
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict:
     results = load_results(run_dir)
-    produced = {k: v for k, v in repos(recipe, run_dir.manifest).items() if k in KINDS}
+    produced = {k: v for k, v in products.produced_repos(recipe, run_dir.manifest).items() if k in KINDS}
     if not produced:
         raise StageError("the run produced no model to describe (no adapter, merged model or GGUF in the manifest); "
                          "run the train stage first")
@@ -50,29 +52,13 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict:
             "validated": True}
 
 
-def load_results(run_dir: RunDir) -> dict:
-    path = run_dir.path / "evaluate" / "results.json"
-    status = run_dir.stage("evaluate").get("status")
-    if status != "done":  # not run (or not available in this version): the cards say that no evaluation was recorded
-        return {}
-    if not path.is_file():
-        raise StageError(f"the evaluate stage is done but {path} is missing; re-run it "
-                         f"(hubforge run RECIPE --stages evaluate --force)")
-    try:
-        results = json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError as exc:
-        raise StageError(f"{path}: not valid JSON ({exc}); re-run the evaluate stage") from None
-    check_results(results)
-    return results
-
-
 def render_card(kind: str, recipe: Recipe, manifest: dict, results: dict) -> str:
     """Metadata -> schema -> template -> parse back -> compare; returns the README text or raises StageError."""
     data = card_metadata(kind, recipe, manifest, results)
     expected = data.to_dict()
     validate_metadata(expected, kind)
     context = card_context(kind, recipe, manifest, results, data)
-    text = ModelCard.from_template(data, template_path=str(cards_dir() / "templates" / f"{kind}.md.j2"), c=context).content
+    text = ModelCard.from_template(data, template_path=str(cards_dir() / "templates" / products.KINDS[kind].template), c=context).content
     text = text.rstrip("\n") + "\n"
     check_card(text, kind, expected, data.eval_results or [])
     return text
@@ -105,54 +91,3 @@ def check_card(text: str, kind: str, expected: dict | None = None, evals: list |
         raise StageError(f"{kind} card: the text contains something that looks like an access token (hf_...); "
                          f"it must not be published. Check the recipe, the eval samples and the manifest")
     return raw
-
-
-# ---------------------------------------------------------------- the Space's README
-def gradio_version(manifest: dict) -> str:
-    """The Space runs the gradio hubforge pins and tests with: the installed one (the manifest's, if not installed)."""
-    try:
-        return metadata.version("gradio")
-    except metadata.PackageNotFoundError:
-        version = (manifest.get("libraries") or {}).get("gradio")
-        if not version:
-            raise StageError("gradio is not installed, so the Space's sdk_version cannot be pinned; install hubforge's "
-                             "[space] dependencies") from None
-        return version
-
-
-def space_metadata(recipe: Recipe, manifest: dict, licence: str) -> dict:
-    """The Space's front matter; `models` lists what publish pushed (what this run produced, before publishing)."""
-    published = ((manifest.get("stages", {}).get("publish") or {}).get("result") or {}).get("repos") or {}
-    ids = {k: v["repo_id"] for k, v in published.items()} if published else repos(recipe, manifest)
-    models = [ids[kind] for kind in ("merged", "gguf", "adapter") if ids.get(kind)]  # the Space's MODEL/GGUF/ADAPTER order
-    desc = recipe.card.description.strip()
-    short = desc if 0 < len(desc) <= 60 else f"Chat demo of {recipe.name}"[:60]
-    color = sum(recipe.name.encode()) % len(SPACE_COLORS)  # stable per recipe, so re-deploys do not flip colours
-    return {"title": recipe.space.title, "emoji": recipe.space.emoji, "colorFrom": SPACE_COLORS[color],
-            "colorTo": SPACE_COLORS[(color + 3) % len(SPACE_COLORS)], "sdk": "gradio",
-            "sdk_version": gradio_version(manifest), "app_file": "app.py", "license": licence,
-            "short_description": short, "models": models}
-
-
-def render_space_readme(recipe: Recipe, run_dir: RunDir) -> str:
-    """README.md (front matter + text) of the Space, from cards/templates/space-readme.md.j2; raises StageError."""
-    manifest = run_dir.manifest
-    produced = repos(recipe, manifest)
-    kinds = [k for k in KINDS if k in produced]
-    if not kinds:
-        raise StageError("the Space needs a published model, but the run produced none; run train (and publish) first")
-    data = card_metadata(kinds[0], recipe, manifest, {})  # validates licence and names like the model cards
-    meta = space_metadata(recipe, manifest, data.license)
-    if not meta["models"]:
-        raise StageError("space: no model repos to link")
-    context = card_context("space", recipe, manifest, load_results(run_dir), data)
-    text = SpaceCard.from_template(CardData(**meta), template_path=str(cards_dir() / "templates" / "space-readme.md.j2"),
-                                   c=context).content.rstrip("\n") + "\n"
-    parsed = SpaceCard(text).data.to_dict()
-    if parsed != meta:
-        bad = next(k for k in sorted(set(meta) | set(parsed)) if meta.get(k) != parsed.get(k))
-        raise StageError(f"Space README: {bad}: did not survive the round trip ({meta.get(bad)!r} -> {parsed.get(bad)!r})")
-    if redact(text) != text:
-        raise StageError("Space README: the text contains something that looks like an access token; not publishing it")
-    return text
-

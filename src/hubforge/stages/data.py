@@ -13,14 +13,18 @@ import csv
 import hashlib
 import json
 import math
-import os
 import random
 from collections import Counter
 from pathlib import Path
 
-from hubforge import chat, formats
-from hubforge.pipeline import StageError
+from hubforge import chat, formats, hubclient
+from hubforge.errors import StageError
+from hubforge.models import resolve_base
 from hubforge.rundir import sha256_file
+
+
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('base', 'data', 'train')
 
 
 def run(recipe, run_dir) -> dict:
@@ -77,9 +81,9 @@ def load_hub(d):
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    endpoint = hubclient.endpoint()
     try:
-        commit = HfApi().dataset_info(d.hub, revision=d.revision).sha
+        commit = HfApi(endpoint=endpoint).dataset_info(d.hub, revision=d.revision).sha
     except RevisionNotFoundError:
         raise StageError(f"data.revision {d.revision!r} does not exist in dataset {d.hub!r} on {endpoint}") from None
     except RepositoryNotFoundError:
@@ -182,10 +186,8 @@ def subsample(rows: list, fraction: float, max_samples: int | None, seed: int) -
 
 
 def load_tokenizer(recipe):
-    from hubforge.base import resolve_base
-
+    base_dir = resolve_base(recipe)
     try:
-        base_dir = resolve_base(recipe)
         return chat.load_tokenizer(base_dir, recipe.base.chat_template, need_template=recipe.data.format != "text")
     except (OSError, ValueError) as exc:  # ConnectionError (offline Hub) is an OSError
         raise StageError(str(exc) if "base.model" in str(exc) else f"base.model {recipe.base.model!r}: {exc}") from None

@@ -17,15 +17,20 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
 import shutil
-import time
 from importlib import resources
 from pathlib import Path
 
 from hubforge import chat, lmeval, qa_metrics
-from hubforge.pipeline import StageError
+from hubforge.errors import StageError
+from hubforge.models import resolve_base
 from hubforge.rundir import now, sha256_file
+from hubforge.scoring import (encode_for_loss, heldout_loss, prompt_ids, read_jsonl, scoring_template, split_name,
+                              stop_ids)
+
+
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('base', 'method', 'data', 'eval', 'train')
 
 
 def run(recipe, run_dir) -> dict:
@@ -53,11 +58,13 @@ def run(recipe, run_dir) -> dict:
         train_template, tokens_scored = scoring_template(tokenizer, recipe)
         encoded = [encode_for_loss(tokenizer, chat.for_template(r, template), train_template, recipe.train.max_length)
                    for r in rows]
-    qa_prompts = [prompt_ids(tokenizer, chat.for_template({"messages": r["messages"][:-1]}, template)) for r in qa_rows]
-    sample_prompts = [prompt_ids(tokenizer, chat.for_template({"messages": sample_messages(p, recipe)}, template))
+    qa_prompts = [prompt_ids(tokenizer, chat.for_template({"messages": r["messages"][:-1]}, template)["messages"])
+                  for r in qa_rows]
+    sample_prompts = [prompt_ids(tokenizer, chat.for_template({"messages": sample_messages(p, recipe)}, template)["messages"])
                       if template.text else tokenizer(p)["input_ids"] for p in ev.prompts]
     decoding = {"strategy": "greedy", "do_sample": False, "max_new_tokens": ev.max_new_tokens,
-                "eos_token_ids": stop_ids(base_dir, tokenizer), "batch_size": ev.batch_size, "padding": "left"}
+                "eos_token_ids": stop_ids(base_dir, extra=(tokenizer.eos_token_id,)), "batch_size": ev.batch_size,
+                "padding": "left"}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 
@@ -110,7 +117,7 @@ def read_eval_rows(run_dir) -> list[dict]:
     path = run_dir.path / "data" / "eval.jsonl"
     if not path.is_file():
         raise StageError(f"{path} is missing: the evaluate stage needs the data stage's output; run with --stages data,...")
-    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path)
     if not rows:
         raise StageError(f"the eval split has zero rows ({path}): set data.eval_split to a split with rows, or raise "
                          "data.eval_fraction so that some rows are held out")
@@ -152,20 +159,6 @@ def weights_sha256(folder: Path) -> str | None:
     return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
 
 
-def resolve_base(recipe) -> Path:
-    from hubforge.base import resolve_base as resolve
-
-    try:
-        return Path(resolve(recipe))
-    except (OSError, ValueError) as exc:
-        raise StageError(f"base.model {recipe.base.model!r}: {exc}") from None
-
-
-def split_name(recipe) -> str:
-    d = recipe.data
-    return d.eval_split or f"{d.eval_fraction:g} of {d.split} held out with seed {recipe.train.seed}"
-
-
 def prepare_lm_eval(recipe, rendered: Path) -> dict:
     """Check every task name before any model is loaded; render the local task folder with absolute data paths
     into the run dir (kept: it is the task configuration that produced the numbers)."""
@@ -185,52 +178,10 @@ def prepare_lm_eval(recipe, rendered: Path) -> dict:
     return {"manager": manager, "include": include, "offline": local}
 
 
-# ---------------------------------------------------------------- tokenisation
-def scoring_template(tokenizer, recipe) -> tuple[str | None, str]:
-    """The template variant with {% generation %} markers that TRL trains with, when only assistant tokens count."""
-    if not (recipe.train.assistant_only_loss and recipe.data.format != "text"):
-        return None, "all"
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    if has_generation_markers(tokenizer.chat_template):
-        return tokenizer.chat_template, "assistant"
-    marked = get_training_chat_template(tokenizer)
-    return (marked, "assistant") if marked else (None, "all")
-
-
-def encode_for_loss(tokenizer, row: dict, marked_template: str | None, max_length: int) -> tuple[list[int], list[int]]:
-    """(token ids, 0/1 mask of the tokens whose prediction is scored), as TRL's SFTTrainer tokenises the row."""
-    if "messages" in row:
-        enc = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True, chat_template=marked_template,
-                                            return_assistant_tokens_mask=marked_template is not None)
-        ids = list(enc["input_ids"])
-        mask = list(enc["assistant_masks"]) if marked_template is not None else [1] * len(ids)
-    else:
-        text = row["text"] if row["text"].endswith(tokenizer.eos_token) else row["text"] + tokenizer.eos_token
-        ids = list(tokenizer(text=text)["input_ids"])
-        mask = [1] * len(ids)
-    return ids[:max_length], mask[:max_length]
-
-
-def prompt_ids(tokenizer, row: dict) -> list[int]:
-    return list(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
-
-
+# ---------------------------------------------------------------- prompts
 def sample_messages(prompt: str, recipe) -> list[dict]:
     system = [{"role": "system", "content": recipe.data.system_prompt}] if recipe.data.system_prompt else []
     return system + [{"role": "user", "content": prompt}]
-
-
-def stop_ids(base_dir: Path, tokenizer) -> list[int]:
-    """The base's end-of-sequence ids (e.g. Gemma's <eos> and <end_of_turn>), used for every model alike."""
-    from transformers import GenerationConfig
-
-    try:
-        eos = GenerationConfig.from_pretrained(base_dir).eos_token_id
-    except OSError:
-        eos = None
-    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return sorted({int(i) for i in ids + [tokenizer.eos_token_id] if i is not None})
 
 
 # ---------------------------------------------------------------- models and measurements
@@ -244,38 +195,6 @@ def load_model(spec: dict, run_dir, base_dir: Path, dtype, device: str):
 
         model = PeftModel.from_pretrained(model, run_dir.path / spec["path"])
     return model.to(device).eval()
-
-
-def heldout_loss(model, encoded: list, pad_id: int, batch_size: int, tqdm, key: str) -> dict:
-    """Token-weighted mean NLL over the scored tokens. The LM head runs on the scored positions only, in chunks, so
-    a 262k vocabulary never materialises (batch, seq, vocab) logits."""
-    import torch
-    import torch.nn.functional as F
-
-    started, total, count = time.time(), 0.0, 0
-    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
-    device = next(model.parameters()).device
-    encoded = sorted(encoded, key=lambda e: len(e[0]))  # similar lengths together: less padding; the sum is order-free
-    for i in tqdm(range(0, len(encoded), batch_size), desc=f"[evaluate] {key} loss"):
-        batch = encoded[i:i + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([x + [pad_id] * (width - len(x)) for x, _ in batch], device=device)  # right padding: positions as in training
-        attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch], device=device)
-        scored = torch.tensor([m + [0] * (width - len(m)) for _, m in batch], device=device)[:, 1:].bool()
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1)
-            hidden = out.hidden_states[-1][:, -width:][:, :-1][scored]  # [-width:]: drop prompt-tuning virtual tokens
-            targets = ids[:, 1:][scored]
-            for j in range(0, len(targets), 512):
-                logits = head(hidden[j:j + 512]).float()
-                logits = torch.tanh(logits / cap) * cap if cap else logits
-                total += F.cross_entropy(logits, targets[j:j + 512], reduction="sum").item()
-        count += int(scored.sum())
-    if count == 0:
-        raise StageError("no tokens to score in the eval rows (every assistant turn is empty or truncated away); "
-                         "check train.max_length and train.assistant_only_loss")
-    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count,
-            "seconds": round(time.time() - started, 2)}
 
 
 def generate(model, tokenizer, prompts: list[list[int]], decoding: dict, tqdm, desc: str) -> list[str]:

@@ -21,20 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from contextlib import closing
 from pathlib import Path
 
-from hubforge import chat, llamacpp
-from hubforge.pipeline import StageError
+from hubforge import chat, llamacpp, products
+from hubforge.errors import StageError
+from hubforge.models import count_params, resolve_base
 from hubforge.rundir import sha256_file
-from hubforge.stages.merge import PPL_TOKENS, held_out_ids, perplexity
-from hubforge.stages.train import resolve_base
-
-# Bits per weight for the disk estimate (llama.cpp's nominal sizes, rounded up).
-BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5, "Q5_0": 5.5, "Q5_1": 6.0,
-        "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.4,
-        "IQ4_NL": 4.5, "TQ1_0": 1.7, "TQ2_0": 2.1}
+from hubforge.scoring import PPL_TOKENS, perplexity, prompt_ids, scored_held_out, stop_ids, teacher_forced
 PROBE_TEXTS = (
     "سلام! می‌خواهم ۱۲۳ کتاب و ٤٥٦ دفتر بخرم؛ نیم‌فاصله‌ها مهم‌اند.",  # Persian, ZWNJ, Persian + Arabic-Indic digits
     "İstanbul'da ılık bir gün: ŞİŞLİ, Iğdır, çöğüş, İı.",  # Turkish dotted/dotless i
@@ -63,6 +57,10 @@ MAX_MEAN_KL = 1e-3
 TIE_MARGIN = 0.05
 
 
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('name', 'base', 'data', 'eval', 'export', 'method', 'train')
+
+
 def run(recipe, run_dir) -> dict:
     try:
         return export(recipe, run_dir)
@@ -72,11 +70,9 @@ def run(recipe, run_dir) -> dict:
 
 def export(recipe, run_dir) -> dict:
     cfg = recipe.export.gguf
-    if not cfg.enabled:
-        return {"status": "not_applicable", "reason": "export.gguf.enabled is false"}
+    if reason := products.gguf_skip_reason(recipe):
+        return {"status": "not_applicable", "reason": reason}
     merge = run_dir.manifest["stages"].get("merge", {})
-    if merge.get("status") == "not_applicable":
-        return {"status": "not_applicable", "reason": f"nothing was merged: {merge.get('result', {}).get('reason', '')}"}
     if merge.get("status") != "done" or not (run_dir.path / merge["result"].get("model_dir", "-")).is_dir():
         raise StageError(f"the gguf stage needs the merged model of the merge stage in {run_dir.path}/merge; "
                          "run with --stages merge,gguf")
@@ -96,7 +92,7 @@ def export(recipe, run_dir) -> dict:
         raise StageError("export.gguf.lora: llama.cpp would silently drop or mis-scale parts of this adapter: "
                          + "; ".join(problems) + ". Set export.gguf.lora: false (the merged GGUFs carry everything).")
     params = count_params(model_dir)
-    need = int(params * sum(BITS[t] for t in (cfg.outtype, *cfg.quants)) / 8 * 1.1) + (params * 2 if cfg.lora else 0)
+    need = int(params * sum(products.GGUF_BITS[t] for t in products.gguf_types(recipe)) / 8 * 1.1) + (params * 2 if cfg.lora else 0)
     if need > free_bytes(out):
         raise StageError(f"not enough disk for the GGUF files in {out}: about {need / 2**30:.2f} GiB needed for "
                          f"{params / 1e6:.0f}M parameters as {', '.join((cfg.outtype, *cfg.quants))}, "
@@ -104,7 +100,7 @@ def export(recipe, run_dir) -> dict:
 
     # ---- convert, then check the tokenizer before anything is built on it
     tokenizer, template = chat.load_tokenizer(model_dir, recipe.base.chat_template, need_template=recipe.data.format != "text")
-    full = out / f"{recipe.name}-{cfg.outtype}.gguf"
+    full = out / products.gguf_name(recipe, cfg.outtype)
     seconds = {"convert": llamacpp.convert_model(llamacpp.converter_input(model_dir, work / "model"), full, cfg.outtype)}
     probe = tokenizer_probe(tokenizer, full)
     if not probe["ok"]:
@@ -116,14 +112,15 @@ def export(recipe, run_dir) -> dict:
     # ---- quantize
     files = [(cfg.outtype, full)]
     for qtype in cfg.quants:
-        files.append((qtype, out / f"{recipe.name}-{qtype}.gguf"))
+        files.append((qtype, out / products.gguf_name(recipe, qtype)))
         seconds[qtype] = llamacpp.quantize(full, files[-1][1], qtype)
 
     # ---- every file loads, generates and is measured against the merged HF model
     ppl_ids, ppl_masks, held_out = scored_held_out(recipe, run_dir, tokenizer, template,
                                                    min(GGUF_PPL_ROWS, recipe.eval.max_samples))
-    prompts = [prompt_ids(tokenizer, p) for p in (recipe.eval.prompts or PROMPTS)[:3]]
-    stop = stop_ids(model_dir)
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) if tokenizer.chat_template
+               else list(tokenizer(p)["input_ids"]) for p in (recipe.eval.prompts or PROMPTS)[:3]]
+    stop = set(stop_ids(model_dir))
     reference = hf_reference(model_dir, prompts, ppl_ids, ppl_masks, stop)
     rows = [measure(path, qtype, prompts, (ppl_ids, ppl_masks), reference, stop, run_dir) for qtype, path in files]
     for row in rows:
@@ -210,38 +207,6 @@ def tokenizer_probe(tokenizer, gguf_path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- measurements
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    if tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
-
-
-def stop_ids(model_dir: Path) -> set[int]:
-    from transformers import GenerationConfig
-
-    eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-
-def scored_held_out(recipe, run_dir, tokenizer, template, limit: int) -> tuple[list[list[int]], list[list[int]], dict]:
-    """Held-out token ids and 0/1 masks of the tokens perplexity scores, by the evaluate stage's rule: assistant turns
-    when the recipe trains on them only, else every token; a few fixed texts when the run has no held-out rows."""
-    from hubforge.stages.evaluate import encode_for_loss, scoring_template
-
-    path = run_dir.path / "data" / "eval.jsonl"
-    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()][:limit] if path.is_file() else []
-    marked, scored = scoring_template(tokenizer, recipe)
-    encoded = [encode_for_loss(tokenizer, chat.for_template(r, template), marked, PPL_TOKENS) for r in rows]
-    encoded = [(ids, mask) for ids, mask in encoded if sum(mask[1:])]
-    if encoded:
-        return [ids for ids, _ in encoded], [mask for _, mask in encoded], {
-            "source": "data/eval.jsonl", "rows": len(encoded), "tokens": sum(len(ids) for ids, _ in encoded),
-            "tokens_scored": scored, "scored_tokens": sum(sum(mask[1:]) for _, mask in encoded)}
-    ids, info = held_out_ids(run_dir, tokenizer, template, limit)
-    return ids, [[1] * len(i) for i in ids], {**info, "tokens_scored": "all", "scored_tokens": sum(len(i) - 1 for i in ids)}
-
-
 def hf_reference(model_dir: Path, prompts: list[list[int]], ppl_ids: list[list[int]], ppl_masks: list[list[int]],
                  stop: set[int]) -> dict:
     """Greedy tokens and held-out perplexity of the merged checkpoint in float32 (what the GGUFs are held to), and
@@ -290,7 +255,7 @@ def lora_gguf(recipe, run_dir, adapter_dir: Path, merged_full: Path, prompts, st
     import torch
 
     base_dir = resolve_base(recipe)
-    out = run_dir.stage_dir("gguf") / f"{recipe.name}-LoRA-F16.gguf"
+    out = run_dir.stage_dir("gguf") / products.gguf_name(recipe, products.LORA_GGUF_TYPE)
     base_gguf = work / "base-F16.gguf"
     seconds = llamacpp.convert_lora(adapter_dir, base_dir, out, "F16")
     llamacpp.convert_model(llamacpp.converter_input(base_dir, work / "base"), base_gguf, "F16")
@@ -327,19 +292,6 @@ def run_prompts(path: Path, prompts, stop: set[int], lora: Path | None = None, f
     with closing(llamacpp.load(path, n_ctx=512, logits_all=True, lora=lora)) as llm:
         greedy = [llamacpp.greedy(llm, ids, MAX_NEW_TOKENS, stop)[0] for ids in prompts]
         return {"greedy": greedy, "logits": [llamacpp.logits(llm, ids + cont) for ids, cont in zip(prompts, follow or greedy)]}
-
-
-def teacher_forced(hf_logprobs: list, gguf_logits: list) -> tuple[float, float]:
-    """(mean KL(HF || GGUF), share of same argmax) over all prompt positions, both models fed the same tokens."""
-    import torch
-
-    kl, same, count = 0.0, 0, 0
-    for ref, got in zip(hf_logprobs, gguf_logits):
-        got = torch.from_numpy(got).log_softmax(-1)
-        kl += float((ref.exp() * (ref - got)).sum())
-        same += int((ref.argmax(-1) == got.argmax(-1)).sum())
-        count += len(ref)
-    return kl / count, same / count
 
 
 def greedy_check(prompts, ref_greedy, ref_logprobs, got_greedy, got_forced) -> dict:
@@ -388,21 +340,6 @@ def step_margins(logprobs, tokens: list[int]):
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def count_params(model_dir: Path) -> int:
-    """Parameters in the checkpoint's safetensors files, from their headers (no tensor is read)."""
-    total = 0
-    for path in Path(model_dir).glob("*.safetensors"):
-        with open(path, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        for name, info in header.items():
-            if name != "__metadata__":
-                n = 1
-                for dim in info["shape"]:
-                    n *= dim
-                total += n
-    return total
 
 
 def free_bytes(folder: Path) -> int:

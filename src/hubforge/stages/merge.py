@@ -26,31 +26,28 @@ its checkpoint is cast to merge_dtype and saved the same way; its numbers are th
 from __future__ import annotations
 
 import gc
-import json
-import math
 import shutil
 import time
 from pathlib import Path
 
-from hubforge import chat
-from hubforge.pipeline import StageError
-from hubforge.stages.train import bnb_config, resolve_base
+from hubforge import chat, products
+from hubforge.errors import StageError
+from hubforge.models import copy_tokenizer_model, load, load_quantized, resolve_base
+from hubforge.scoring import compare, held_out_ids, logits, perplexity
 
 # Full-vocabulary logits of the compare rows stay in memory (Gemma: 262k floats per position), so keep them few.
 COMPARE_ROWS, COMPARE_TOKENS = 4, 64
-PPL_ROWS, PPL_TOKENS = 16, 256
-FALLBACK_TEXTS = ("سلام! امروز هوا خیلی خوب است و می‌خواهم کمی در پارک قدم بزنم.",
-                  "The quick brown fox jumps over the lazy dog near the river bank.",
-                  "Merhaba, bugün İstanbul'da hava çok güzel.")
+PPL_ROWS = 16
+
+
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('base', 'method', 'export', 'eval', 'data')
 
 
 def run(recipe, run_dir) -> dict:
     m, export = recipe.method, recipe.export
-    if not m.is_mergeable:
-        return {"status": "not_applicable", "reason": f"{m.name} learns virtual tokens, not weight deltas: nothing to "
-                                                      "merge, so there is no merged model and no GGUF"}
-    if not export.merge:
-        return {"status": "not_applicable", "reason": "export.merge is false"}
+    if reason := products.merge_skip_reason(recipe):
+        return {"status": "not_applicable", "reason": reason}
     train = run_dir.result("train")
     source = train.get("adapter_dir" if m.is_adapter else "model_dir")
     if not source or not (run_dir.path / source).is_dir():
@@ -100,8 +97,7 @@ def run(recipe, run_dir) -> dict:
     shutil.rmtree(model_dir, ignore_errors=True)
     merged.to(dtype).save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
-    if (base_dir / "tokenizer.model").is_file() and not (model_dir / "tokenizer.model").is_file():
-        shutil.copy2(base_dir / "tokenizer.model", model_dir / "tokenizer.model")  # llama.cpp's converter reads it
+    copy_tokenizer_model(base_dir, model_dir)
     del merged
     gc.collect()
     saved = load(model_dir, torch.float32)
@@ -125,23 +121,15 @@ def run(recipe, run_dir) -> dict:
 
 
 # ---------------------------------------------------------------- models
-def load(folder: Path, dtype):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-
-
 def load_base(recipe, base_dir: Path, target: str, dtype):
     """The base as a 16-bit copy (`original`) or as training saw it (`dequantized` NF4), held in float32 for the math."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     if target == "dequantized":
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, recipe.base.dtype),
-                                                     quantization_config=bnb_config(recipe.method))
+        model = load_quantized(recipe, base_dir)
         model.dequantize()  # the same NF4 code book + absmax the adapter was trained against, as dense weights
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = load(base_dir, torch.float32)
     return round_weights(model, dtype).eval()
 
 
@@ -182,12 +170,9 @@ def fold(peft):
 
 def trained_qlora(recipe, base_dir: Path, adapter_dir: Path, ppl_ids, compare_ids) -> dict:
     """Logits and perplexity of the QLoRA model exactly as trained (4-bit base + adapter)."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, recipe.base.dtype),
-                                                quantization_config=bnb_config(recipe.method))
+    base = load_quantized(recipe, base_dir)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     out = {"logits": logits(model, compare_ids), "ppl": perplexity(model, ppl_ids)}
     del model, base
@@ -200,49 +185,3 @@ def pick_target(measured: dict, setting: str) -> str:
     if setting != "auto":
         return setting
     return min(measured, key=lambda t: measured[t]["ppl"])
-
-
-# ---------------------------------------------------------------- measurements
-def held_out_ids(run_dir, tokenizer, template, limit: int) -> tuple[list[list[int]], dict]:
-    """Token ids of the first held-out rows (rendered as in training), or of a few fixed texts when there are none."""
-    path = run_dir.path / "data" / "eval.jsonl"
-    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()][:limit] if path.is_file() else []
-    ids = [chat.token_ids(tokenizer, {k: v for k, v in r.items() if k != "qa"}, template)[:PPL_TOKENS] for r in rows]
-    source = "data/eval.jsonl"
-    if not any(len(i) > 1 for i in ids):
-        ids, source = [tokenizer(text)["input_ids"] for text in FALLBACK_TEXTS], "fixed texts (no data/eval.jsonl)"
-    ids = [list(i) for i in ids if len(i) > 1]
-    return ids, {"source": source, "rows": len(ids), "tokens": sum(map(len, ids))}
-
-
-def logits(model, sequences: list[list[int]]) -> list:
-    import torch
-
-    with torch.inference_mode():
-        return [model(torch.tensor([ids])).logits[0].float() for ids in sequences]
-
-
-def perplexity(model, sequences: list[list[int]], masks: list[list[int]] | None = None) -> float:
-    """exp(mean next-token NLL); with `masks`, only over the tokens marked 1 (e.g. assistant turns, as in training)."""
-    import torch
-
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for i, ids in enumerate(sequences):
-            x = torch.tensor([ids])
-            labels = x if masks is None else x.masked_fill(torch.tensor([masks[i]]) == 0, -100)
-            scored = int((labels[0, 1:] != -100).sum())
-            if scored:
-                nll += float(model(x, labels=labels).loss) * scored
-                count += scored
-    return round(math.exp(nll / count), 6)
-
-
-def compare(reference: list, other: list) -> tuple[float, float]:
-    """(max |Δ logit|, mean KL(reference || other) per position) over all compared positions."""
-    import torch
-
-    max_diff = max(float((a - b).abs().max()) for a, b in zip(reference, other))
-    kl = torch.cat([torch.nn.functional.kl_div(b.double().log_softmax(-1), a.double().log_softmax(-1), log_target=True,
-                                               reduction="none").sum(-1) for a, b in zip(reference, other)])
-    return max_diff, float(kl.mean())

@@ -16,7 +16,6 @@ keep padding out of the FLOPs and the memory. benchmarks/train_throughput.py mea
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import resource
@@ -27,7 +26,13 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from hubforge import chat
-from hubforge.pipeline import StageError
+from hubforge.errors import StageError
+from hubforge.models import bnb_config, check_bitsandbytes, copy_tokenizer_model, count_params, peft_config, resolve_base
+from hubforge.scoring import read_jsonl
+
+
+# The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
+SECTIONS = ('base', 'data', 'method', 'train')
 
 
 def run(recipe, run_dir) -> dict:
@@ -93,8 +98,7 @@ def run(recipe, run_dir) -> dict:
     trainer.model.save_pretrained(result_dir, safe_serialization=True)
     for folder in ([out / "tokenizer"] + ([result_dir] if not m.is_adapter else [])):
         tokenizer.save_pretrained(folder)
-        if (base_dir / "tokenizer.model").is_file() and not (folder / "tokenizer.model").is_file():
-            shutil.copy2(base_dir / "tokenizer.model", folder / "tokenizer.model")  # llama.cpp's converter wants it
+        copy_tokenizer_model(base_dir, folder)
     state, losses = trainer.state, [r["loss"] for r in read_jsonl(log.path)]
     return {
         "method": m.name, ("adapter_dir" if m.is_adapter else "model_dir"): rel(result_dir, run_dir),
@@ -114,47 +118,7 @@ def run(recipe, run_dir) -> dict:
     }
 
 
-# ---------------------------------------------------------------- recipe -> library objects (pure)
-def lora_config(method):
-    from peft import LoraConfig
-
-    lora = method.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-                      bias=lora.bias, use_rslora=lora.use_rslora, modules_to_save=list(lora.modules_to_save) or None,
-                      task_type="CAUSAL_LM")
-
-
-def bnb_config(method):
-    """4-bit quantization for qlora (None for every other method)."""
-    if method.name != "qlora":
-        return None
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    q = method.quantization
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
-
-
-def peft_config(recipe, base_dir: Path | None = None):
-    """The PEFT config of the recipe's method (None for full fine-tuning)."""
-    from peft import PromptEncoderConfig, PromptTuningConfig
-
-    m = recipe.method
-    if m.name in ("lora", "qlora"):
-        return lora_config(m)
-    if m.name == "prompt_tuning":
-        pt = m.prompt_tuning
-        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": pt.init_text,
-                "tokenizer_name_or_path": str(base_dir)} if pt.init_text else {"prompt_tuning_init": "RANDOM"}
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=pt.num_virtual_tokens, **init)
-    if m.name == "p_tuning":
-        p = m.p_tuning
-        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
-                                   encoder_hidden_size=p.encoder_hidden_size, encoder_reparameterization_type=p.encoder_type)
-    return None
-
-
+# ---------------------------------------------------------------- recipe -> library objects (pure; models.py has the rest)
 def precision_flags(precision: str, cuda: bool, bf16_ok: bool) -> dict:
     """Trainer's bf16/fp16 flags, set only where the hardware supports them (fp16 autocast needs a GPU)."""
     if precision == "bf16" and bf16_ok:
@@ -205,21 +169,6 @@ def freeze_except(model, modules: tuple[str, ...]) -> None:
                          f"{', '.join(n for n, _ in list(model.named_modules())[1:6])}")
 
 
-def count_params(base_dir: Path) -> int:
-    """Parameters of a checkpoint from its safetensors headers (no weights are read)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(Path(base_dir).glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            for k in fh.keys():
-                n = 1
-                for d in fh.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
-
-
 def checkpoint_bytes(method: str, total_params: int, save_total_limit: int, modules_to_save: bool) -> int:
     """Disk the checkpoints need: trained weights + two Adam moments in fp32, for each kept checkpoint + the result."""
     trained = total_params if method == "full" or modules_to_save else total_params // 20  # adapters: <= 5 %
@@ -250,29 +199,6 @@ def score_only_loss_positions() -> None:
 
     compact_on_cpu.trl_original = original
     trl_utils._use_triton = compact_on_cpu
-
-
-# ---------------------------------------------------------------- preflight
-def check_bitsandbytes() -> None:
-    """QLoRA needs a working bitsandbytes: import it and quantize a tiny tensor, before loading anything big."""
-    try:
-        import torch
-
-        bnb = importlib.import_module("bitsandbytes")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        bnb.functional.quantize_4bit(torch.randn(64, 64, device=device, dtype=torch.float32), quant_type="nf4")
-    except Exception as exc:
-        raise StageError(f"method qlora needs a working bitsandbytes (4-bit NF4): {type(exc).__name__}: {exc}. "
-                         "Install bitsandbytes==0.50.2, or use method.name: lora") from None
-
-
-def resolve_base(recipe) -> Path:
-    from hubforge.base import resolve_base as resolve
-
-    try:
-        return Path(resolve(recipe))
-    except (OSError, ValueError) as exc:  # offline Hub (ConnectionError), missing local folder
-        raise StageError(str(exc) if "base.model" in str(exc) else f"base.model {recipe.base.model!r}: {exc}") from None
 
 
 def load_model(recipe, base_dir: Path):
@@ -370,10 +296,6 @@ def hardware(cuda: bool) -> dict:
     if cuda:
         facts["gpu"] = torch.cuda.get_device_name(0)
     return facts
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
 
 
 def rel(path: Path, run_dir) -> str:

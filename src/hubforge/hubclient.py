@@ -1,0 +1,153 @@
+"""Every way hubforge talks to a Hub, through the unmodified `huggingface_hub.HfApi`: the endpoint, the client,
+retries, the credential preflight, and "make this repo hold exactly these files" in one parent-pinned commit.
+Used by the publish and space stages (the only stages with Hub side effects) and by the pipeline's preflight.
+
+    from hubforge import hubclient
+    api = hubclient.api(token)
+    head, commit, deleted = hubclient.commit_exactly(api, "me/model", [("README.md", path)], "Publish ...", token)
+
+Errors leave here as StageError, with any token redacted.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from hubforge import products
+from hubforge.errors import StageError
+from hubforge.redact import redact
+
+HF_HOSTS = ("huggingface.co", "hf.co")
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)  # seconds before attempts 2..5: rides out a restarting server or a 5xx burst
+RETRY_STATUS = (408, 429, 500, 502, 503, 504, 412)  # 412: someone committed meanwhile; the next attempt re-reads head
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")  # read now: CLIs and tests set it late
+
+
+def api(token: str | None):
+    from huggingface_hub import HfApi
+
+    from hubforge import __version__
+
+    return HfApi(endpoint=endpoint(), token=token, library_name="hubforge", library_version=__version__)
+
+
+def is_hf_host(url: str) -> bool:
+    host = (urlparse(url).hostname or "").lower()
+    return any(host == h or host.endswith("." + h) for h in HF_HOSTS)
+
+
+def clean(text: str, token: str | None) -> str:
+    return redact(text.replace(token, "***") if token else text)
+
+
+def transient(exc: BaseException) -> bool:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        return exc.response is not None and exc.response.status_code in RETRY_STATUS
+    return isinstance(exc, (httpx2.TransportError, ConnectionError, TimeoutError))
+
+
+def with_retries(fn, what: str, token: str | None = None, delays=None, stage: str = "publish"):
+    """fn() with backoff on connection errors and 5xx; other errors (and the last failure) become a StageError."""
+    delays = RETRY_DELAYS if delays is None else delays
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below; the message is redacted either way
+            if transient(exc) and attempt < len(delays):
+                print(f"[{stage}] {what}: {clean(type(exc).__name__ + ': ' + str(exc), token)[:200]}; "
+                      f"retrying in {delays[attempt]:.0f}s ({attempt + 1}/{len(delays)})")
+                time.sleep(delays[attempt])
+                continue
+            raise StageError(clean(f"{what} failed against {endpoint()}: {type(exc).__name__}: {exc}", token)) from None
+
+
+def commit_exactly(api, repo_id: str, files: list[tuple[str, Path]], message: str, token: str | None, *,
+                   description: str | None = None, repo_type: str | None = None, stage: str = "publish"):
+    """One commit, on top of the head read just before, making the repo hold exactly `files` (stale files deleted
+    in the same commit; unchanged files are skipped by the client, so nothing changed -> no commit).
+    Returns (previous head, head after, deleted paths); a head that moved meanwhile is retried from the new head."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    wanted = {rel for rel, _ in files}
+
+    def attempt():
+        head = api.repo_info(repo_id, repo_type=repo_type).sha
+        stale = [p for p in api.list_repo_files(repo_id, revision=head, repo_type=repo_type)
+                 if p not in wanted and p != ".gitattributes"]
+        ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
+        ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
+        info = api.create_commit(repo_id, ops, commit_message=message, commit_description=description,
+                                 parent_commit=head, repo_type=repo_type)
+        return head, info.oid, stale
+
+    return with_retries(attempt, f"committing to {repo_id}", token, stage=stage)
+
+
+# ---------------------------------------------------------------- preflight
+def write_access(who: dict, namespace: str) -> str | None:
+    """Why `who` (a whoami answer) cannot write to `namespace`, or None when it can."""
+    access = (who.get("auth") or {}).get("accessToken") or {}
+    role = access.get("role")
+    if role == "read":
+        return "the token is read-only (role 'read'); create a token with write access"
+    if role == "fineGrained":
+        scoped = (access.get("fineGrained") or {}).get("scoped") or []
+        if not any((s.get("entity") or {}).get("name") == namespace and "repo.write" in (s.get("permissions") or []) for s in scoped):
+            return f"the fine-grained token has no 'repo.write' permission on {namespace!r}"
+    if namespace == who.get("name"):
+        return None
+    org = next((o for o in who.get("orgs") or [] if o.get("name") == namespace), None)
+    if org is None:
+        member = ", ".join([who.get("name", "?")] + [o.get("name", "?") for o in who.get("orgs") or []])
+        return f"{namespace!r} is neither the token's user nor one of its organisations ({member})"
+    if org.get("roleInOrg") == "read":
+        return f"the user has only the 'read' role in organisation {namespace!r}"
+    return None
+
+
+def preflight(recipe) -> dict:
+    """Checks that must pass before training when publishing: token, write access, repo names, no Xet locally."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    url = endpoint()
+    if not is_hf_host(url) and not constants.HF_HUB_DISABLE_XET:  # hf_xet is a hard dependency: Xet would be used
+        raise StageError(f"HF_ENDPOINT={url} is not the Hugging Face Hub, and huggingface_hub would upload large files "
+                         "with Xet, which a local Hub does not speak: set HF_HUB_DISABLE_XET=1 in the environment before "
+                         "starting hubforge (it is read when huggingface_hub is imported)")
+    if constants.HF_HUB_OFFLINE:
+        raise StageError("HF_HUB_OFFLINE is set, so huggingface_hub refuses every request; unset it to publish")
+    repos = products.planned_repos(recipe)
+    if recipe.space.enabled:
+        repos["space"] = recipe.space.id
+    for kind, repo_id in repos.items():
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as exc:
+            raise StageError(f"publish: {kind} repo name {repo_id!r} is not a legal Hub repo id: {exc}") from None
+    if len(set(repos.values())) < len(repos):
+        raise StageError(f"publish: two repos share a name ({repos}); give publish.*_repo / space.id distinct names")
+    token = get_token()
+    if not token:
+        raise StageError(f"no Hugging Face token for {url}: set HF_TOKEN, or log in with `hf auth login`")
+    try:
+        who = with_retries(lambda: api(token).whoami(), "checking the token (whoami)", token)
+    except StageError as exc:
+        raise StageError(f"{exc}\nCheck the token (HF_TOKEN, or `hf auth login`) and HF_ENDPOINT") from None
+    for kind, repo_id in repos.items():
+        problem = write_access(who, repo_id.split("/")[0])
+        if problem:
+            raise StageError(clean(f"publish: no write access for the {kind} repo {repo_id} as user {who.get('name')!r} "
+                                   f"on {url}: {problem}. Change publish.namespace or use another token", token))
+    return {"endpoint": url, "user": who.get("name"), "repos": repos,
+            "role": ((who.get("auth") or {}).get("accessToken") or {}).get("role")}
