@@ -275,11 +275,11 @@ def test_a_near_tie_parts_greedy_decoding_but_passes_the_f16_gate(exported, tmp_
     parted = []
     for sign in (1, -1):  # HF prefers the twin, then the original; llama.cpp picks the same one of the tied pair both times
         model = tmp_path / f"tied{sign}"
-        tied_pair(merged, model, prompt, step=1, sign=sign)
+        tied_pair(merged, model, prompt, step=0, sign=sign)
         result = gguf.run(make(recipe.root, quants=[]), merged_run(tmp_path / f"run{sign}", model, recipe.local_path("data/chat.jsonl")))
         f16 = result["files"][0]
         assert f16["decisive_agreement"] == 1.0 and f16["kl_vs_hf"] < gguf.MAX_MEAN_KL
-        parted += [d for d in f16["greedy_divergences"] if d["prompt"] == 1 and d["position"] == 1]
-    # exactly one of the two files decodes differently from HF at the planted step, within the first tokens that the
-    # old exact-prefix gate compared, and the gate let it through because the margin there is a near-tie
+        parted += [d for d in f16["greedy_divergences"] if d["prompt"] == 1 and d["position"] == 0]
+    # exactly one of the two files decodes differently from HF at the planted step (the first generated token, which
+    # an exact-prefix gate would refuse), and the gate let it through because the margin there is a near-tie
     assert len(parted) == 1 and parted[0]["tie"] and 0 < parted[0]["hf_margin"] < gguf.TIE_MARGIN, parted

@@ -168,7 +168,9 @@ def test_ci_runs_the_readme_test_command_without_sudo_with_a_pip_cache():
     assert runs == ["make test"]  # not `sudo make test`: sudo's secure_path drops the job's Python
     assert ci["jobs"]["test"]["container"].startswith("python:3.11")
     cache = next(s for s in steps(REPO / ".github/workflows/ci.yml") if s.get("uses", "").startswith("actions/cache@"))
-    assert "hashFiles('pyproject.toml')" in cache["with"]["key"] and cache["with"]["path"] == "~/.cache/pip"
+    assert "hashFiles('pyproject.toml', 'Makefile')" in cache["with"]["key"]
+    # pip's wheels and the Makefile's own llama-cpp-python wheel folder (LLAMA_WHEELS), so llama.cpp compiles once
+    assert cache["with"]["path"].split() == ["~/.cache/pip", "~/.cache/hubforge/wheels"]
 
 
 def _tool(name: str) -> str | None:

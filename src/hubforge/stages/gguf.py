@@ -73,6 +73,8 @@ def export(recipe, run_dir) -> dict:
     if reason := products.gguf_skip_reason(recipe):
         return {"status": "not_applicable", "reason": reason}
     merge = run_dir.manifest["stages"].get("merge", {})
+    if merge.get("status") == "not_applicable":  # the merge stage's own verdict on this run (e.g. an older recipe)
+        return {"status": "not_applicable", "reason": f"nothing was merged: {merge.get('result', {}).get('reason', '')}"}
     if merge.get("status") != "done" or not (run_dir.path / merge["result"].get("model_dir", "-")).is_dir():
         raise StageError(f"the gguf stage needs the merged model of the merge stage in {run_dir.path}/merge; "
                          "run with --stages merge,gguf")
