@@ -51,7 +51,8 @@ git -c advice.detachedHead=false checkout --quiet "$HUBFORGE_COMMIT" || {
 export PYTHONPATH="$PWD/src"
 setup="$HUBFORGE_JOB_SETUP"
 if [ "$setup" = auto ]; then
-  if python -c 'import hubforge.cli, torch, transformers, peft, trl' 2>/dev/null; then setup=true
+  if python -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))' \
+      torch transformers peft trl llama_cpp huggingface_hub 2>/dev/null; then setup=true
   else setup="$HUBFORGE_DEFAULT_SETUP"; fi
 fi
 echo "hubforge job: setup: $setup"
@@ -109,25 +110,29 @@ def run_remote(recipe_path: Path, recipe, remote: str, *, flavor: str, stages: s
     if remote not in REMOTES:
         raise RemoteError(f"--remote must be one of {', '.join(REMOTES)}, not {remote!r}")
     from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
 
     url, commit, rel = source(recipe_path, recipe)
     token = get_token()
     if not token:
         raise RemoteError("Hugging Face Jobs need a token: set HF_TOKEN (or `hf auth login`)")
     api = HfApi(token=token)
-    namespace = api.whoami()["name"]
-    results = os.environ.get("HUBFORGE_RESULTS_REPO") or f"{namespace}/hubforge-runs"
-    api.create_repo(results, repo_type="dataset", private=True, exist_ok=True)
     run_path = f"{recipe.name}/{recipe.sha256[:12]}"
     args = [rel, "--run-dir", f"runs/{run_path}", *(["--stages", stages] if stages else []),
             *[a for o in overrides for a in ("--set", o)], *(["--force"] if force else []),
             *(["--publish"] if publish else [])]
-    env = {"HUBFORGE_REPO_URL": url, "HUBFORGE_COMMIT": commit, "HUBFORGE_RESULTS_REPO": results,
-           "HUBFORGE_RUN_PATH": run_path, "HUBFORGE_JOB_SETUP": os.environ.get("HUBFORGE_JOB_SETUP", "auto"),
-           "HUBFORGE_DEFAULT_SETUP": SETUP, "PYTHONUNBUFFERED": "1"}
-    job = api.run_job(image=IMAGE, command=["bash", "-c", SCRIPT, "hubforge-job", *args], env=env,
-                      secrets={"HF_TOKEN": token}, flavor=flavor, timeout=TIMEOUT, namespace=namespace,
-                      name=re.sub(r"[^a-zA-Z0-9_-]", "-", f"hubforge-{recipe.name}"))
+    try:
+        namespace = api.whoami()["name"]
+        results = os.environ.get("HUBFORGE_RESULTS_REPO") or f"{namespace}/hubforge-runs"
+        api.create_repo(results, repo_type="dataset", private=True, exist_ok=True)
+        env = {"HUBFORGE_REPO_URL": url, "HUBFORGE_COMMIT": commit, "HUBFORGE_RESULTS_REPO": results,
+               "HUBFORGE_RUN_PATH": run_path, "HUBFORGE_JOB_SETUP": os.environ.get("HUBFORGE_JOB_SETUP", "auto"),
+               "HUBFORGE_DEFAULT_SETUP": SETUP, "PYTHONUNBUFFERED": "1"}
+        job = api.run_job(image=IMAGE, command=["bash", "-c", SCRIPT, "hubforge-job", *args], env=env,
+                          secrets={"HF_TOKEN": token}, flavor=flavor, timeout=TIMEOUT, namespace=namespace,
+                          name=re.sub(r"[^a-zA-Z0-9_-]", "-", f"hubforge-{recipe.name}"))
+    except HfHubHTTPError as exc:
+        raise RemoteError(f"submitting the job to {api.endpoint} failed: {redact(str(exc))}") from None
     echo(f"job {job.id} on {flavor}: {job.url}  (commit {commit[:12]}; Ctrl-C cancels it)")
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     try:

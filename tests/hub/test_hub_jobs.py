@@ -190,3 +190,14 @@ def test_logs_follow_a_running_job_and_are_bounded(hub, api):
         hub.limits.__dict__["max_job_log_bytes"] = cap
     assert kept[0] == "y" * 400 and "bytes of output over the 1000-byte log limit were dropped" in kept[-1]
     assert len(kept) <= 4
+
+
+def test_uncommitted_changes_are_refused_before_anything_is_submitted(api, token, project):
+    recipe = project / RECIPE
+    recipe.write_text(TINY.replace("max_steps: 1", "max_steps: 2"))
+    try:
+        done = _cli(project, token, "--stages", "data")
+    finally:
+        _git(project, "checkout", "--", RECIPE)
+    assert done.returncode == 1 and "not committed" in done.stderr and RECIPE in done.stderr
+    assert "job " not in done.stdout
