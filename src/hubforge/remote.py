@@ -10,7 +10,8 @@ What happens, in order:
    that git does not track, are refused here, because the job would not see them. Its dependencies: when the
    image's `python` already imports them (the local Hub's jobs run this machine's Python), nothing is installed;
    otherwise `make install` with the CUDA build of torch runs in the job (image `python:3.11`: git, make, gcc;
-   ~5 min for llama.cpp). `HUBFORGE_JOB_SETUP` replaces that command (e.g. for an image built with the deps).
+   ~5 min for llama.cpp). `HUBFORGE_JOB_SETUP` replaces that command and `HUBFORGE_JOB_IMAGE` the image (e.g. an
+   image built with the dependencies and `HUBFORGE_JOB_SETUP=true`).
 2. The token: `HF_TOKEN` goes to the job as a *secret* (an environment variable the Hub keeps encrypted and never
    shows), never in its command or environment, so neither `inspect_job` nor the logs show it.
 3. The logs stream to this console until the job ends; Ctrl-C cancels the job (and then exits 130).
@@ -37,7 +38,7 @@ from pathlib import Path
 from hubforge.redact import redact
 
 REMOTES = ("hf-jobs",)
-IMAGE = "python:3.11"
+IMAGE = os.environ.get("HUBFORGE_JOB_IMAGE", "python:3.11")  # Debian with git, make and gcc for `make install`
 SETUP = "make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128"
 TIMEOUT = os.environ.get("HUBFORGE_JOB_TIMEOUT", "6h")
 TAIL_LINES = 20

@@ -16,7 +16,8 @@ Bounds (`Limits`): `max_running_jobs` at once per server (0 turns jobs off), `ti
 dropped; the process keeps running). Only a write token for the namespace submits or cancels; a token that can
 read the namespace inspects, lists and reads logs; anyone else is told the job does not exist. Secret values
 are kept in memory only until the process starts, are shown as "***" by inspect and list, and are replaced by
-"***" in every log line (as are `hf_...` tokens). Routes and formats: PROTOCOL.md §9.
+"***" in every log line (values of 4 characters or more, as are `hf_...` tokens; a line is cut every 64 KiB, so a
+secret printed across such a cut is not caught). Routes and formats: PROTOCOL.md §9.
 """
 from __future__ import annotations
 
