@@ -98,6 +98,8 @@ def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
         force: bool = typer.Option(False, help="Re-run stages even when their inputs are unchanged."),
         publish: bool = typer.Option(False, "--publish", help="Also publish the repos and deploy the Space (checks the token first)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="With --publish: list every file, size and target repo; upload nothing."),
+        remote: Optional[str] = typer.Option(None, "--remote", help="hf-jobs: run on Hugging Face Jobs at this commit; the run directory comes back (see hubforge.remote)."),
+        flavor: str = typer.Option("a10g-large", help="With --remote: the Jobs hardware flavor."),
         quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Run the pipeline stages through a run directory (resumable: unchanged stages are skipped).
 
@@ -115,6 +117,15 @@ def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
     selected = [s for s in (stages or "").split(",") if s] or None
     if dry_run:
         _print_dry_run(recipe, folder, as_json)
+        return
+    if remote is not None:
+        from hubforge import remote as jobs
+
+        try:
+            jobs.run_remote(recipe_path, recipe, remote, flavor=flavor, stages=stages, overrides=overrides or [],
+                            force=force, publish=publish, run_dir=folder, echo=echo)
+        except jobs.RemoteError as exc:
+            _fail(f"error: {exc}")
         return
     try:
         entries = pipeline.run(recipe, RunDir.open(folder), selected, force=force, echo=echo, publish=publish)

@@ -4,7 +4,7 @@ The Hub itself is unreachable from where hubforge runs, so publishing stages tal
 *unmodified* client (`HF_ENDPOINT=http://127.0.0.1:PORT`, `HF_HUB_DISABLE_XET=1`, both set before importing
 `huggingface_hub`). Model, dataset and Space repos, private repos, users with read/write tokens per namespace,
 real commit history with branches and tags, LFS uploads via presigned URLs, Range downloads, Space variables,
-secrets and runtime.
+secrets and runtime, and jobs run as local subprocesses.
 
 Run it:   hubforge hub serve --data-dir hub-data --port 8088     (or: python -m hubforge.hub --data-dir hub-data)
 In code:  with serve(Path("hub-data")) as hub: ...                (hub.endpoint, hub.token_path, hub.create_user)

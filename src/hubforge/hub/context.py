@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import parse_qs
 
 from .auth import Identity
@@ -35,6 +36,7 @@ class Reply:
     file: Path | None = None  # when set, `length` bytes of it from `offset` are the body
     offset: int = 0
     length: int = 0
+    stream: Iterator[bytes] | None = None  # when set, the body is sent chunked as the iterator yields (job logs)
 
 
 def json_reply(obj, status: int = 200, headers: dict | None = None) -> Reply:

@@ -29,10 +29,12 @@ from urllib.parse import unquote
 from . import routes_files as rf
 from . import routes_repo as rr
 from . import routes_tree as rt
+from . import jobs as jb
 from . import spaces as sp
 from .auth import Users
 from .context import Reply, Request, json_reply
 from .errors import ClientGone, HubError
+from .jobs import Jobs
 from .spaces import Spaces
 from .storage import Storage
 
@@ -46,6 +48,9 @@ class Limits:
     max_commit_bytes: int = 4 * 2**30           # a whole NDJSON commit (inline files are < 10 MB each)
     max_commit_line_bytes: int = 64 * 2**20     # one NDJSON line, i.e. one base64 inline file
     drain_bytes: int = 16 * 2**20               # beyond this an unread body closes the connection instead
+    max_running_jobs: int = 2                   # jobs (local subprocesses) at once; 0 turns jobs off (jobs.py)
+    max_job_seconds: int = 24 * 3600            # the largest `timeoutSeconds` a job may ask for
+    max_job_log_bytes: int = 16 * 2**20         # output kept per job; the rest is dropped (and counted)
 
 
 class HubStartError(RuntimeError):
@@ -75,6 +80,7 @@ class Stats:
 _R = r"(?P<ns>[^/]+)/(?P<name>[^/]+)"
 _T = r"/api/(?P<kind>models|datasets|spaces)/" + _R
 _S = r"/api/spaces/" + _R
+_J = r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)"
 # (methods, path pattern, route, body kind): the kind bounds the body before the route runs (context.Request.bound);
 # lines without a kind take a JSON body.
 ROUTES = [(frozenset(methods.split()), re.compile(pattern), fn, kind[0] if kind else "json")
@@ -103,6 +109,10 @@ ROUTES = [(frozenset(methods.split()), re.compile(pattern), fn, kind[0] if kind 
     ("GET", _S + r"/runtime", sp.runtime, "none"),
     ("POST", _S + r"/(?P<action>restart|pause|hardware|sleeptime)", sp.action),
     ("GET", _S + r"/logs/(?P<kind>run|build)", sp.logs, "none"),
+    ("GET POST", r"/api/jobs/(?P<ns>[^/]+)", jb.submit_or_list),
+    ("GET", _J, jb.inspect, "none"),
+    ("POST", _J + r"/cancel", jb.cancel, "none"),
+    ("GET", _J + r"/logs", jb.logs, "none"),
     ("POST", r"/(?:(?P<prefix>datasets|spaces)/)?(?P<ns>[^/]+)/(?P<name>[^/]+)\.git/info/lfs/objects/batch",
      rf.lfs_batch),
     ("PUT", r"/_cdn/upload/(?P<rtype>model|dataset|space)/" + _R + r"/(?P<oid>[0-9a-f]{64})", rf.cdn_upload, "file"),
@@ -183,6 +193,8 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
 
     def _send(self, reply: Reply) -> None:
+        if reply.stream is not None:
+            return self._send_stream(reply)
         length = reply.length if reply.file is not None else len(reply.body)
         self.send_response(reply.status)
         for key, value in reply.headers.items():
@@ -196,6 +208,23 @@ class Handler(BaseHTTPRequestHandler):
                 self.connection.sendfile(f, reply.offset, length)
         else:
             self.wfile.write(reply.body)
+
+    def _send_stream(self, reply: Reply) -> None:
+        # A body of unknown length (a job's log as it grows): chunked, each piece flushed as it comes.
+        try:
+            self.send_response(reply.status)
+            for key, value in reply.headers.items():
+                self.send_header(key, value)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            if self.command != "HEAD":
+                for piece in reply.stream:
+                    if piece:  # an empty chunk would end the body
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        finally:
+            reply.stream.close()
 
     def send_error(self, code, message=None, explain=None):
         # Malformed request lines and the like: answer JSON like everything else, then close.
@@ -258,6 +287,7 @@ class LocalHub:
         self.storage = Storage(self.data_dir)
         self.users = Users(self.data_dir / "users.json")
         self.spaces = Spaces(self)
+        self.jobs = Jobs(self)
         self.stats = Stats()
         self.secret = self._load_secret()
         if len(self.users) == 0:
@@ -297,8 +327,9 @@ class LocalHub:
         return self
 
     def stop(self) -> None:
-        """Stop accepting, close open keep-alive connections (so clients reconnect to a new server), stop Spaces."""
+        """Stop accepting, close open keep-alive connections (so clients reconnect to a new server), stop Spaces and jobs."""
         self.spaces.stop_all()
+        self.jobs.stop_all()
         self._httpd.shutdown()
         self._httpd.server_close()
         with self._conns_lock:
