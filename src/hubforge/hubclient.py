@@ -1,8 +1,10 @@
 """Every way hubforge talks to a Hub, through the unmodified `huggingface_hub.HfApi`: the endpoint, the client,
-retries, the credential preflight, and "make this repo hold exactly these files" in one parent-pinned commit.
-Used by the publish and space stages (the only stages with Hub side effects) and by the pipeline's preflight.
+retries, the credential for each repo, the credential preflight, and "make this repo hold exactly these files" in
+one parent-pinned commit. Used by the publish and space stages (the only stages with Hub side effects) and by the
+pipeline's preflight.
 
     from hubforge import hubclient
+    token, how = hubclient.credential("me/model")      # how: "oidc" or "token" (see `credential`)
     api = hubclient.api(token)
     head, commit, deleted = hubclient.commit_exactly(api, "me/model", [("README.md", path)], "Publish ...", token)
 
@@ -93,17 +95,63 @@ def commit_exactly(api, repo_id: str, files: list[tuple[str, Path]], message: st
     return with_retries(attempt, f"committing to {repo_id}", token, stage=stage)
 
 
+# ---------------------------------------------------------------- credentials: one token per repo
+CREDENTIAL = {"oidc": "Trusted Publisher (OIDC, scoped to this repo)", "token": "HF_TOKEN (stored token)"}
+
+def oidc_available() -> bool:
+    """An OIDC ID token can be had: given (`HF_OIDC_ID_TOKEN`) or mintable (a GitHub job with `id-token: write`)."""
+    return bool(os.environ.get("HF_OIDC_ID_TOKEN")) or bool(
+        os.environ.get("ACTIONS_ID_TOKEN_REQUEST_URL") and os.environ.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN"))
+
+
+def credential(repo_id: str, repo_type: str = "model", stage: str = "publish") -> tuple[str | None, str]:
+    """(token, how) to write `repo_id` with. With OIDC available, the ID token is exchanged for a token scoped to
+    this one repo (a Trusted Publisher of it, `how` = "oidc"); a repo that does not exist yet cannot have a
+    publisher, so its first publish uses the stored token (`HF_TOKEN` or `hf auth login`; `how` = "token").
+    An exchange refused for a repo that exists is an error, not a silent fallback: OIDC was asked for.
+    Without OIDC: the stored token. The token never appears in `how` or in an error."""
+    from huggingface_hub import get_token
+
+    if not oidc_available():
+        return get_token(), "token"
+    from huggingface_hub import _oidc  # the exchange exactly as huggingface_hub 2.4.0 does it (pinned)
+
+    resource = {"model": "", "dataset": "datasets/", "space": "spaces/"}[repo_type] + repo_id
+    given = os.environ.get("HF_OIDC_ID_TOKEN") or None
+    try:
+        answer = with_retries(lambda: _oidc.oidc_login(resource=resource, subject_token=given, endpoint=endpoint(),
+                                                       provider=None if given else _oidc.Provider.GITHUB),
+                              f"exchanging the OIDC ID token for a token of {resource}", given, stage=stage)
+        return answer["access_token"], "oidc"
+    except StageError as exc:
+        refused = str(exc)
+    stored = get_token()
+    exists = with_retries(lambda: api(stored or False).repo_exists(repo_id, repo_type=repo_type),
+                          f"checking whether {repo_id} exists", stored, stage=stage)
+    if exists:
+        raise StageError(f"{stage}: {refused}\nThe {repo_type} repo {repo_id} exists, so it can have a Trusted "
+                         "Publisher: add this workflow (repository, workflow file, environment) in the repo's "
+                         "Settings -> Trusted Publishers, or run without OIDC (no `id-token: write`) to use HF_TOKEN")
+    if not stored:
+        raise StageError(f"{stage}: the {repo_type} repo {repo_id} does not exist yet (or is private and nothing "
+                         "here can see it), and a Trusted Publisher can only be added to an existing repo: its "
+                         "first publish needs HF_TOKEN with write access")
+    return stored, "token"
+
+
 # ---------------------------------------------------------------- preflight
-def write_access(who: dict, namespace: str) -> str | None:
-    """Why `who` (a whoami answer) cannot write to `namespace`, or None when it can."""
+def write_access(who: dict, namespace: str, repo_id: str | None = None) -> str | None:
+    """Why `who` (a whoami answer) cannot write to `namespace` (or to the one repo `repo_id`), or None when it can."""
     access = (who.get("auth") or {}).get("accessToken") or {}
     role = access.get("role")
     if role == "read":
         return "the token is read-only (role 'read'); create a token with write access"
     if role == "fineGrained":
         scoped = (access.get("fineGrained") or {}).get("scoped") or []
-        if not any((s.get("entity") or {}).get("name") == namespace and "repo.write" in (s.get("permissions") or []) for s in scoped):
-            return f"the fine-grained token has no 'repo.write' permission on {namespace!r}"
+        if not any((s.get("entity") or {}).get("name") in (namespace, repo_id) and "repo.write" in (s.get("permissions") or []) for s in scoped):
+            return f"the fine-grained token has no 'repo.write' permission on {repo_id or namespace!r}"
+        if any((s.get("entity") or {}).get("name") == repo_id for s in scoped):
+            return None  # scoped to this very repo (a Trusted Publisher token, or a fine-grained one)
     if namespace == who.get("name"):
         return None
     org = next((o for o in who.get("orgs") or [] if o.get("name") == namespace), None)
@@ -117,7 +165,7 @@ def write_access(who: dict, namespace: str) -> str | None:
 
 def preflight(recipe) -> dict:
     """Checks that must pass before training when publishing: token, write access, repo names, no Xet locally."""
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import constants
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     url = endpoint()
@@ -137,17 +185,23 @@ def preflight(recipe) -> dict:
             raise StageError(f"publish: {kind} repo name {repo_id!r} is not a legal Hub repo id: {exc}") from None
     if len(set(repos.values())) < len(repos):
         raise StageError(f"publish: two repos share a name ({repos}); give publish.*_repo / space.id distinct names")
-    token = get_token()
-    if not token:
+    creds = {kind: credential(repo_id, "space" if kind == "space" else "model") for kind, repo_id in repos.items()}
+    if any(token is None for token, _ in creds.values()):
         raise StageError(f"no Hugging Face token for {url}: set HF_TOKEN, or log in with `hf auth login`")
-    try:
-        who = with_retries(lambda: api(token).whoami(), "checking the token (whoami)", token)
-    except StageError as exc:
-        raise StageError(f"{exc}\nCheck the token (HF_TOKEN, or `hf auth login`) and HF_ENDPOINT") from None
+    seen: dict[str, dict] = {}  # token -> whoami answer (one call per distinct token)
     for kind, repo_id in repos.items():
-        problem = write_access(who, repo_id.split("/")[0])
+        token, how = creds[kind]
+        if token not in seen:
+            try:
+                seen[token] = with_retries(lambda: api(token).whoami(), "checking the token (whoami)", token)
+            except StageError as exc:
+                raise StageError(f"{exc}\nCheck the token (HF_TOKEN, or `hf auth login`) and HF_ENDPOINT") from None
+        who = seen[token]
+        problem = write_access(who, repo_id.split("/")[0], repo_id)
         if problem:
             raise StageError(clean(f"publish: no write access for the {kind} repo {repo_id} as user {who.get('name')!r} "
                                    f"on {url}: {problem}. Change publish.namespace or use another token", token))
-    return {"endpoint": url, "user": who.get("name"), "repos": repos,
-            "role": ((who.get("auth") or {}).get("accessToken") or {}).get("role")}
+    first = ([seen[t] for t, how in creds.values() if how == "token"] or list(seen.values()) or [{}])[0]
+    return {"endpoint": url, "user": first.get("name"), "repos": repos,
+            "credentials": {kind: how for kind, (_, how) in creds.items()},
+            "role": ((first.get("auth") or {}).get("accessToken") or {}).get("role")}

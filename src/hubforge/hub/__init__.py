@@ -4,7 +4,7 @@ The Hub itself is unreachable from where hubforge runs, so publishing stages tal
 *unmodified* client (`HF_ENDPOINT=http://127.0.0.1:PORT`, `HF_HUB_DISABLE_XET=1`, both set before importing
 `huggingface_hub`). Model, dataset and Space repos, private repos, users with read/write tokens per namespace,
 real commit history with branches and tags, LFS uploads via presigned URLs, Range downloads, Space variables,
-secrets and runtime, and jobs run as local subprocesses.
+secrets and runtime, jobs run as local subprocesses, and Trusted Publishers (OIDC token exchange, oauth.py).
 
 Run it:   hubforge hub serve --data-dir hub-data --port 8088     (or: python -m hubforge.hub --data-dir hub-data)
 In code:  with serve(Path("hub-data")) as hub: ...                (hub.endpoint, hub.token_path, hub.create_user)
@@ -23,9 +23,11 @@ from .server import HubStartError, Limits, LocalHub
 __all__ = ["LocalHub", "Limits", "HubStartError", "serve", "cli_serve"]
 
 
-def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 0, *, limits: Limits | None = None) -> LocalHub:
-    """Start a local Hub on `data_dir` in a background thread; port 0 picks a free port. Stop with `.stop()`."""
-    return LocalHub(Path(data_dir), host, port, limits=limits).start()
+def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 0, *, limits: Limits | None = None,
+          oidc_issuer_key: bytes | None = None) -> LocalHub:
+    """Start a local Hub on `data_dir` in a background thread; port 0 picks a free port. Stop with `.stop()`.
+    `oidc_issuer_key` (else $HUBFORGE_HUB_OIDC_KEY): the HS256 key of the OIDC issuer /oauth/token trusts (oauth.py)."""
+    return LocalHub(Path(data_dir), host, port, limits=limits, oidc_issuer_key=oidc_issuer_key).start()
 
 
 def cli_serve(data_dir: Path, host: str = "127.0.0.1", port: int = 8088) -> None:

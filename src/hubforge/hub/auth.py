@@ -5,7 +5,8 @@ organisations the user is a member of. Only the sha256 of each token is stored (
 data directory never holds a usable token except `<data_dir>/token`, the default user's, written on first start.
 
 Access rules (mirroring the Hub): anyone reads public repos; private repos are readable by members of their
-namespace; writing needs a `write` token for the namespace.
+namespace; writing needs a `write` token for the namespace. A token issued by a Trusted Publisher exchange
+(oauth.py) is scoped to one repo (`Identity.repo`): it reads and writes that repo only, and no namespace.
 """
 from __future__ import annotations
 
@@ -28,16 +29,30 @@ class Identity:
     name: str
     scope: str
     orgs: tuple[str, ...] = field(default_factory=tuple)
+    repo: tuple[str, str] | None = None  # (repo type, repo id) of a token scoped to one repo
 
     @property
     def namespaces(self) -> set[str]:
-        return {self.name, *self.orgs}
+        return set() if self.repo else {self.name, *self.orgs}
 
     def can_read(self, namespace: str) -> bool:
         return namespace in self.namespaces
 
     def can_write(self, namespace: str) -> bool:
         return self.scope == "write" and namespace in self.namespaces
+
+    def can_read_repo(self, rtype: str, repo_id: str) -> bool:
+        return self.repo == (rtype, repo_id) or self.can_read(repo_id.split("/")[0])
+
+    def can_write_repo(self, rtype: str, repo_id: str) -> bool:
+        return self.repo == (rtype, repo_id) or self.can_write(repo_id.split("/")[0])
+
+    def refusal(self, what: str) -> str:
+        """Why this identity may not do `what` (a 403 message)."""
+        if self.repo:
+            return (f"You don't have the rights to {what}: this token comes from a Trusted Publisher exchange and is "
+                    f"scoped to the {self.repo[0]} repo {self.repo[1]} only")
+        return f"You don't have the rights to {what} (token scope: {self.scope})"
 
 
 def _hash(token: str) -> str:
@@ -97,6 +112,13 @@ class Users:
         return Identity(name, scope, tuple(self._data["users"][name]["orgs"]))
 
     def whoami(self, ident: Identity) -> dict:
+        if ident.repo:  # like a fine-grained token with write on one repo
+            rtype, repo_id = ident.repo
+            return {"type": "user", "name": ident.name, "fullname": ident.name, "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {
+                        "displayName": "trusted publisher", "role": "fineGrained",
+                        "fineGrained": {"scoped": [{"entity": {"type": rtype, "name": repo_id},
+                                                    "permissions": ["repo.content.read", "repo.write"]}]}}}}
         user = self._data["users"][ident.name]
         return {
             "type": "user", "id": hashlib.sha1(ident.name.encode()).hexdigest()[:24], "name": ident.name,

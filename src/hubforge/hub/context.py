@@ -66,7 +66,9 @@ class Request:
     @property
     def identity(self) -> Identity | None:
         if self._identity is False:
-            self._identity = self.hub.users.identify(self.headers.get("Authorization"))
+            auth = self.headers.get("Authorization") or ""
+            scoped = self.hub.oauth.identify(auth.partition(" ")[2].strip()) if auth[:7].lower() == "bearer " else None
+            self._identity = scoped or self.hub.users.identify(auth or None)
         return self._identity
 
     def arg(self, name: str, default: str | None = None) -> str | None:
@@ -105,12 +107,12 @@ class Request:
             meta = self.hub.storage.meta(rtype, repo_id)
         except HubError:
             meta = None
-        if meta is None or (meta["private"] and not (ident and ident.can_read(ns))):
+        if meta is None or (meta["private"] and not (ident and ident.can_read_repo(rtype, repo_id))):
             raise repo_not_found(repo_id, ident is not None)
-        if write and not (ident and ident.can_write(ns)):
+        if write and not (ident and ident.can_write_repo(rtype, repo_id)):
             if ident is None:
                 raise HubError(401, "You must be authenticated to write to this repo")
-            raise HubError(403, f"You don't have the rights to write to {repo_id} (token scope: {ident.scope})")
+            raise HubError(403, ident.refusal(f"write to {repo_id}"))
         return meta
 
     def need_user(self) -> Identity:

@@ -11,6 +11,7 @@ import hashlib
 from .cards import front_matter, stored_card
 from .context import PLURAL, PREFIX, Reply, Request, field, json_reply
 from .errors import HubError, bad_request
+from .oauth import check_publishers
 from .storage import check_name, lfs_pointer
 
 SDKS = ("gradio", "docker", "static", "streamlit")
@@ -101,10 +102,11 @@ def create_repo(req: Request) -> Reply:
     check_name(ns, "namespace")
     if ns in ("datasets", "spaces", "api", "_cdn"):
         raise bad_request(f"Reserved namespace: {ns}")
-    if not ident.can_write(ns):
-        raise HubError(403, f"You don't have the rights to create a repo under {ns}")
     repo_id = f"{ns}/{name}"
-    if req.hub.storage.meta(rtype, repo_id) is not None:  # the caller can write (hence read) this namespace
+    exists = req.hub.storage.meta(rtype, repo_id) is not None
+    if not ident.can_write(ns) and not (exists and ident.can_write_repo(rtype, repo_id)):
+        raise HubError(403, ident.refusal(f"create a repo under {ns}"))
+    if exists:  # the caller can write (hence read) this namespace, or this very repo (`exist_ok` goes on)
         return json_reply({"error": f"You already created this {rtype} repo", "url": _repo_url(req, rtype, repo_id)},
                           409)
     visibility = field(body, "visibility", str, choices=VISIBILITIES)
@@ -152,6 +154,11 @@ def update_settings(req: Request, kind: str, ns: str, name: str) -> Reply:
         changes["private"] = visibility in ("private", "protected")
     if private is not None:
         changes["private"] = private
+    publishers = field(body, "trustedPublishers", list)
+    if publishers is not None:
+        if req.identity.repo:  # else a workflow could widen who may publish with the token it was just given
+            raise HubError(403, req.identity.refusal("change the Trusted Publishers of a repo"))
+        changes["trustedPublishers"] = check_publishers(publishers)
     if changes:
         req.hub.storage.update_meta(rtype, f"{ns}/{name}", **changes)
     return json_reply({})
@@ -169,7 +176,7 @@ def list_repos(req: Request, kind: str) -> Reply:
     out = []
     for meta in req.hub.storage.list_repos(rtype):
         ns = meta["id"].split("/")[0]
-        if meta["private"] and not (ident and ident.can_read(ns)):
+        if meta["private"] and not (ident and ident.can_read_repo(rtype, meta["id"])):
             continue
         if (author and ns != author) or (search and search not in meta["id"].lower()):
             continue

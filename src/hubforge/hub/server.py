@@ -30,6 +30,7 @@ from . import routes_files as rf
 from . import routes_repo as rr
 from . import routes_tree as rt
 from . import jobs as jb
+from . import oauth
 from . import spaces as sp
 from .auth import Users
 from .context import Reply, Request, json_reply
@@ -86,6 +87,7 @@ _J = r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)"
 ROUTES = [(frozenset(methods.split()), re.compile(pattern), fn, kind[0] if kind else "json")
           for methods, pattern, fn, *kind in [
     ("GET", r"/api/whoami-v2", rr.whoami, "none"),
+    ("POST", r"/oauth/token", oauth.token_exchange),
     ("GET", r"/api/agent-harnesses", rr.agent_harnesses, "none"),
     ("POST", r"/api/validate-yaml", rr.validate_yaml),
     ("POST", r"/api/repos/create", rr.create_repo),
@@ -262,7 +264,7 @@ class LocalHub:
     """A running local Hub; see `hubforge.hub` for the public API."""
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0, *, limits: Limits | None = None,
-                 default_user: str = "hubforge"):
+                 default_user: str = "hubforge", oidc_issuer_key: bytes | None = None):
         self.data_dir = Path(data_dir).resolve()
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -288,6 +290,8 @@ class LocalHub:
         self.users = Users(self.data_dir / "users.json")
         self.spaces = Spaces(self)
         self.jobs = Jobs(self)
+        key = oidc_issuer_key or os.environ.get("HUBFORGE_HUB_OIDC_KEY", "").encode() or None
+        self.oauth = oauth.Exchange(key)  # Trusted Publishers: which ID tokens /oauth/token accepts
         self.stats = Stats()
         self.secret = self._load_secret()
         if len(self.users) == 0:

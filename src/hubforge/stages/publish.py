@@ -14,13 +14,16 @@ Gates: the card stage validated the cards, merge verification passed (or there i
 files were verified (or there are none), and no output changed on disk since. Preflight (before any expensive
 stage): a valid token with write access to every target namespace, legal repo names, and no Xet against a local Hub.
 Only this module and `space` talk to the Hub, both through hubforge.hubclient (the unmodified `huggingface_hub.HfApi`).
+Each repo is written with its own credential (`hubclient.credential`): under OIDC (a GitHub job with `id-token:
+write`, or `HF_OIDC_ID_TOKEN`) a Trusted Publisher token scoped to that repo, else (and for a first publish) the
+stored token; `result.repos.<kind>.credential` records which ("oidc" or "token"), never the token.
 """
 from __future__ import annotations
 
 from hubforge import products
 from hubforge.errors import StageError
 from hubforge.hubclient import api as hub_api
-from hubforge.hubclient import commit_exactly, preflight, with_retries
+from hubforge.hubclient import CREDENTIAL, commit_exactly, credential, preflight, with_retries
 from hubforge.recipe import Recipe
 from hubforge.redact import redact
 from hubforge.rundir import RunDir
@@ -123,23 +126,22 @@ SECTIONS = ('publish', 'name', 'method', 'export', 'space')
 def run(recipe: Recipe, run_dir: RunDir) -> dict:
     files = repo_files(recipe, run_dir)  # gates first: nothing is contacted for a run that must not be published
     checked = preflight(recipe)
-    from huggingface_hub import get_token
-
-    token = get_token()
-    api, tag, run_id = hub_api(token), tag_name(recipe), run_dir.path.name
+    tag, run_id = tag_name(recipe), run_dir.path.name
     message = f"Publish {recipe.name} (recipe sha256 {recipe.sha256}, run {run_id})"
     result: dict = {"repos": {}, "tag": tag, "endpoint": checked["endpoint"], "user": checked["user"]}
     for kind in products.MODEL_KINDS:
         if kind not in files:
             continue
         repo_id = products.repo_ids(recipe)[kind]
+        token, how = credential(repo_id)  # with OIDC, a token of this one repo (hubclient.credential)
+        api = hub_api(token)
         description = (f"hubforge {kind} repo of recipe `{recipe.name}` (method {recipe.method.name}).\n\n"
                        f"- recipe sha256: {recipe.sha256}\n- run: {run_id}\n- files: {len(files[kind])}")
         url = ensure_repo(api, repo_id, recipe.publish.private, token)
         commit = commit_repo(api, repo_id, files[kind], message, description, token)
         ensure_tag(api, repo_id, tag, commit["commit"], message, token)
         result["repos"][kind] = {"repo_id": repo_id, "url": url, "private": recipe.publish.private,
-                                 "files": sorted(rel for rel, _ in files[kind]), **commit}
+                                 "files": sorted(rel for rel, _ in files[kind]), "credential": how, **commit}
         print(f"[publish] {kind:7} {url} @ {commit['commit'][:12]} "
-              f"({'new commit' if commit['uploaded'] else 'unchanged, no commit'}; tag {tag})")
+              f"({'new commit' if commit['uploaded'] else 'unchanged, no commit'}; tag {tag}; credential: {CREDENTIAL[how]})")
     return result

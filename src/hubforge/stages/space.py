@@ -110,8 +110,8 @@ def deploy(recipe: Recipe, run_dir: RunDir, *, api=None, timeout: float | None =
     space_id = recipe.space.id
     variables = space_variables(recipe, run_dir.result("publish"))
     folder = render(recipe, run_dir)
-    api = api or hubclient.api(get_token())
-    token = api.token or get_token()
+    token, how = (api.token or get_token(), "token") if api else hubclient.credential(space_id, "space", stage="space")
+    api = api or hubclient.api(token)
     if not token:
         raise StageError(f"no Hub token: set HF_TOKEN to a write token for {space_id.split('/')[0]} (or run `hf auth login`)")
     hubclient.with_retries(lambda: api.create_repo(space_id, repo_type="space", space_sdk="gradio",
@@ -132,7 +132,8 @@ def deploy(recipe: Recipe, run_dir: RunDir, *, api=None, timeout: float | None =
                          f"log tail:\n{log_tail(api, space_id, runtime)}") from None
     if runtime.stage != "RUNNING":
         raise StageError(f"Space {space_id} stopped in stage {runtime.stage}; log tail:\n{log_tail(api, space_id, runtime)}")
-    return {"space_id": space_id, "stage": runtime.stage, "url": f"{api.endpoint}/spaces/{space_id}", "commit": commit,
+    print(f"[space] {space_id}: credential: {hubclient.CREDENTIAL[how]}")
+    return {"space_id": space_id, "stage": runtime.stage, "credential": how, "url": f"{api.endpoint}/spaces/{space_id}", "commit": commit,
             "app_url": (runtime.raw or {}).get("host") or getattr(api.space_info(space_id), "host", None),
             "variables": sorted(k for k, v in variables.items() if v), "files": sorted(p.name for p in folder.iterdir())}
 
