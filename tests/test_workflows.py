@@ -29,7 +29,13 @@ PR_TRIGGERS = {"pull_request", "pull_request_target", "issue_comment", "pull_req
 # The only job-level grants beyond `contents: read`, and why (a new write scope must be added here deliberately).
 WRITE_SCOPES = {
     ("recipe-pr-comment.yml", "comment"): {"actions": "read", "pull-requests": "write"},  # read the artifact, comment
+    # the jobs holding the publish step: an OIDC ID token for the Trusted Publisher exchange
+    ("train-and-publish.yml", "train"): {"contents": "read", "id-token": "write"},
+    ("train-and-publish.yml", "train-hf-jobs"): {"contents": "read", "id-token": "write"},
 }
+PUBLISH = re.compile(r"hubforge (run .*--publish$|space deploy)", re.M)
+# The one secret other than HF_TOKEN, and the one step that sees it: submitting the Hugging Face Job.
+JOBS_TOKEN = ("train-and-publish.yml", "train-hf-jobs", "Train", "${{ secrets.HF_JOBS_TOKEN }}")
 
 
 def load(workflow: Path) -> dict:
@@ -77,6 +83,8 @@ def test_permissions_are_read_only_at_the_top_and_granted_per_job():
         assert wf.get("permissions") == {"contents": "read"}, workflow.name
         for job_id, job in wf["jobs"].items():
             assert job.get("permissions") == WRITE_SCOPES.get((workflow.name, job_id)), (workflow.name, job_id)
+            if "id-token" in (job.get("permissions") or {}):  # only a job that publishes may mint an ID token
+                assert any(PUBLISH.search(st.get("run", "")) and "--dry-run" not in st["run"] for st in job["steps"])
 
 
 def test_no_expression_of_any_kind_inside_a_script():
@@ -147,16 +155,38 @@ def test_only_the_publish_steps_see_the_token():
         for job_id, job in wf["jobs"].items():
             assert "secrets." not in str(job.get("env", "")), (workflow.name, job_id)
             for step in job.get("steps", []):
-                if "secrets." in str(step.get("env", "")):
-                    assert set(step["env"]) == {"HF_TOKEN"}, (workflow.name, step.get("name"))
-                    assert re.search(r"hubforge (run .*--publish$|space deploy)", step["run"], re.M), step["run"]
-                    assert "--dry-run" not in step["run"]
-    train = jobs(REPO / ".github/workflows/train-and-publish.yml")["train"]["steps"]
-    names = [s.get("name", s.get("uses", "")) for s in train]
-    token_step = next(i for i, s in enumerate(train) if "secrets." in str(s.get("env", "")))
-    training = next(i for i, n in enumerate(names) if n.startswith("Train"))
-    dry_run = next(i for i, s in enumerate(train) if "--dry-run" in s.get("run", ""))
-    assert training < dry_run < token_step, names
+                if "secrets." not in str(step.get("env", "")):
+                    continue
+                secret = {k: v for k, v in step["env"].items() if "secrets." in str(v)}
+                if (workflow.name, job_id, step.get("name", "")[:5], secret.get("HF_TOKEN")) == JOBS_TOKEN:
+                    assert set(step["env"]) == {"HF_TOKEN"} and "--remote hf-jobs" in step["run"], step
+                    assert "--publish" not in step["run"], step["run"]  # it trains; publishing stays here
+                    continue
+                assert secret == {"HF_TOKEN": "${{ secrets.HF_TOKEN }}"}, (workflow.name, step.get("name"))
+                assert set(step["env"]) <= {"HF_TOKEN", "HUBFORGE_OIDC"}, (workflow.name, step.get("name"))
+                assert PUBLISH.search(step["run"]) and "--dry-run" not in step["run"], step["run"]
+    for job_id in ("train", "train-hf-jobs"):
+        train = jobs(REPO / ".github/workflows/train-and-publish.yml")[job_id]["steps"]
+        names = [s.get("name", s.get("uses", "")) for s in train]
+        token_step = next(i for i, s in enumerate(train) if "secrets.HF_TOKEN }}" in str(s.get("env", "")))
+        training = next(i for i, n in enumerate(names) if n.startswith("Train"))
+        dry_run = next(i for i, s in enumerate(train) if "--dry-run" in s.get("run", ""))
+        assert training < dry_run < token_step, names
+        assert "HF_JOBS_TOKEN" not in str([s for i, s in enumerate(train) if i != training])  # exactly one step
+
+
+def test_the_runner_is_one_choice_and_both_jobs_are_guarded_the_same():
+    both = jobs(REPO / ".github/workflows/train-and-publish.yml")
+    gpu, hf = (re.sub(r"\s+", " ", both[j]["if"]) for j in ("train", "train-hf-jobs"))
+    assert "vars.HUBFORGE_RUNNER != 'hf-jobs'" in gpu and "vars.HUBFORGE_RUNNER == 'hf-jobs'" in hf
+    assert gpu.replace("RUNNER !=", "RUNNER ==") == hf  # the same guard (main only, not a fork), opposite runner choice
+    assert both["train-hf-jobs"]["runs-on"] == "ubuntu-latest" and both["train-hf-jobs"]["environment"] == "train"
+    assert both["train-hf-jobs"]["concurrency"] == both["train"]["concurrency"]
+    publish = [s for j in ("train", "train-hf-jobs") for s in both[j]["steps"] if "--publish" in s.get("run", "")
+               and "--dry-run" not in s["run"]]
+    assert len(publish) == 2 and all(s["env"]["HUBFORGE_OIDC"] == "${{ vars.HUBFORGE_OIDC }}" for s in publish)
+    summary = [s for j in ("train", "train-hf-jobs") for s in both[j]["steps"] if s.get("name", "").startswith("Which credential")]
+    assert len(summary) == 2 and all("always()" in s["if"] and ".credential" in s["run"] for s in summary)
 
 
 def test_ci_runs_the_readme_test_command_without_sudo_with_a_pip_cache():

@@ -99,9 +99,11 @@ def commit_exactly(api, repo_id: str, files: list[tuple[str, Path]], message: st
 CREDENTIAL = {"oidc": "Trusted Publisher (OIDC, scoped to this repo)", "token": "HF_TOKEN (stored token)"}
 
 def oidc_available() -> bool:
-    """An OIDC ID token can be had: given (`HF_OIDC_ID_TOKEN`) or mintable (a GitHub job with `id-token: write`)."""
-    return bool(os.environ.get("HF_OIDC_ID_TOKEN")) or bool(
-        os.environ.get("ACTIONS_ID_TOKEN_REQUEST_URL") and os.environ.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN"))
+    """OIDC is asked for and an ID token can be had: given (`HF_OIDC_ID_TOKEN`), or minted by GitHub Actions (a job
+    with `id-token: write`) when `HUBFORGE_OIDC=1`. The switch, because the permission alone is not a choice to use
+    it: with OIDC on, an existing repo without a Trusted Publisher refuses to publish (see `credential`)."""
+    github = os.environ.get("ACTIONS_ID_TOKEN_REQUEST_URL") and os.environ.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN")
+    return bool(os.environ.get("HF_OIDC_ID_TOKEN")) or bool(github and os.environ.get("HUBFORGE_OIDC") == "1")
 
 
 def credential(repo_id: str, repo_type: str = "model", stage: str = "publish") -> tuple[str | None, str]:
