@@ -8,7 +8,8 @@ the workflows connect, which parsing the YAML cannot.
 Cases: a fork PR with a good recipe (the comment equals tests/fixtures/workflows/good-pr-comment.md, posted once and
 updated in place), a PR with a bad recipe (errors with file:line:col, the check fails, the comment still comes),
 hostile artifacts (refused), a 3-commit push to main with two recipes (both trained for a step on the tiny model
-against a local Hub, no token in the training step, dry run in the summary), and a push touching only space/
+against a local Hub, no token in the training step, dry run in the summary), the same with HUBFORGE_RUNNER=hf-jobs
+(trained in a job of the local Hub, only HF_JOBS_TOKEN in the submitting step), and a push touching only space/
 (the published recipe's Space redeployed on the local Hub, nothing trained).
 """
 from __future__ import annotations
@@ -245,6 +246,38 @@ def test_a_push_touching_only_space_redeploys_the_published_space(clone, tmp_pat
     assert api.get_space_runtime(recipe.space.id).stage == "RUNNING"
     stages = RunDir.open(run_dir.path).manifest["stages"]
     assert stages["space"]["status"] == "done" and "train" not in stages  # redeployed, nothing trained
+
+
+def test_a_push_with_the_hf_jobs_runner_trains_in_a_job_with_only_the_jobs_token(clone, tmp_path, local_hub):
+    # What a job clones must hold this checkout's code (the job runs `python -m hubforge` from its clone's src/).
+    shutil.copytree(REPO / "src", clone / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    before = commit(clone, "with src")
+    (clone / "recipes" / "tiny").mkdir()
+    (clone / "recipes" / "tiny" / "one.yaml").write_text(TINY.format(name="one"), "utf-8")
+    after = commit(clone, "recipe one")
+    from huggingface_hub import HfApi
+
+    jobs_token = local_hub.token_path.read_text().strip()
+    runner = WorkflowRunner(clone, tmp_path / "work", event_name="push", event=push_event(before, after), ref="refs/heads/main",
+                            sha=after, secrets={"HF_JOBS_TOKEN": jobs_token, "HF_TOKEN": "hf_never_used_in_a_smoke_run"},
+                            variables={"HUBFORGE_RUNNER": "hf-jobs", "HUBFORGE_SMOKE_STAGES": "data,train",
+                                       "HUBFORGE_JOBS_FLAVOR": "cpu-basic"},
+                            machine_env={**machine_env(local_hub, tmp_path), "HUBFORGE_JOB_SETUP": "true"})
+    jobs = runner.run(WORKFLOWS / "train-and-publish.yml")
+    assert [j.status for j in jobs["train"]] == ["skipped"]  # the self-hosted runner is not asked
+    job = jobs["train-hf-jobs"][0]
+    assert job.status == "success", [(s.name, s.outcome, s.output[-3000:]) for s in job.steps]
+    assert [s.substituted for s in job.steps if s.substituted] == ["make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"]
+    training = job.step("Train")
+    assert "HF_TOKEN" in training.env_keys and "job " in training.output and jobs_token not in training.output
+    assert all("HF_TOKEN" not in s.env_keys for s in job.steps if s is not training and s.outcome != "skipped")
+    assert job.step("Publish the three repos").outcome == "skipped"  # a smoke run never publishes
+    assert "| train | done |" in job.summary and "Smoke run (data,train): nothing to publish" in job.summary
+    manifest = json.loads((tmp_path / "work" / "artifacts" / "1000" / "run-0" / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["result"]["steps"] == 1  # trained in the job, brought back to the runner
+    api = HfApi(endpoint=local_hub.endpoint, token=jobs_token)
+    assert api.dataset_info("hubforge/hubforge-runs").private  # how the run directory came back
+    assert [j.status.stage for j in api.list_jobs(namespace="hubforge")] == ["COMPLETED"]
 
 
 def test_the_substitution_list_stays_tiny():
