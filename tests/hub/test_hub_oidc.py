@@ -214,3 +214,19 @@ def test_a_first_publish_under_oidc_without_hf_token_says_what_is_missing(hub, h
     with pytest.raises(StageError, match="does not exist yet.*first publish needs HF_TOKEN"):
         publish.run(recipe, rd)
     assert not hapi.repo_exists(recipe.publish.adapter_repo)
+
+
+def test_the_space_stage_credential_is_a_token_of_the_space_alone(hub, hapi, token, issuer, monkeypatch):
+    from hubforge import hubclient
+
+    space = new_repo(hapi, "tp-demo", repo_type="space", space_sdk="gradio")
+    monkeypatch.setenv("HF_OIDC_ID_TOKEN", issuer())
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    scoped, how = hubclient.credential(space, "space", stage="space")
+    assert how == "oidc"
+    api = hubclient.api(scoped)
+    api.add_space_variable(space, "HUBFORGE_MODEL", "hubforge/x")  # what space.deploy does with it
+    api.restart_space(space)
+    assert api.get_space_variables(space)["HUBFORGE_MODEL"].value == "hubforge/x"
+    with pytest.raises(HfHubHTTPError):
+        api.create_repo(space, exist_ok=True)  # the model repo of that name: not this token's
