@@ -280,5 +280,27 @@ def test_a_push_with_the_hf_jobs_runner_trains_in_a_job_with_only_the_jobs_token
     assert [j.status.stage for j in api.list_jobs(namespace="hubforge")] == ["COMPLETED"]
 
 
+def test_the_summary_says_which_credential_published_each_repo(tmp_path):
+    wf = yaml.safe_load((WORKFLOWS / "train-and-publish.yml").read_text())
+    scripts = {s["run"] for j in ("train", "train-hf-jobs") for s in wf["jobs"][j]["steps"]
+               if s.get("name", "").startswith("Which credential")}
+    assert len(scripts) == 1  # both jobs say it the same way
+    script = scripts.pop()
+    publish = {"repos": {"adapter": {"repo_id": "hubforge/x-lora", "credential": "oidc"},
+                         "merged": {"repo_id": "hubforge/x", "credential": "token"}}}
+    for stages, rows in (({"publish": {"result": publish}, "space": {"result": {"space_id": "hubforge/x-demo", "credential": "oidc"}}},
+                          ["| hubforge/x-lora | Trusted Publisher (OIDC token of this repo) |", "| hubforge/x | HF_TOKEN |",
+                           "| spaces/hubforge/x-demo | Trusted Publisher (OIDC token of this repo) |"]),
+                         ({"publish": {"status": "failed"}, "space": {"result": {"status": "not_applicable"}}}, [])):
+        (tmp_path / "manifest.json").write_text(json.dumps({"stages": stages}))
+        summary = tmp_path / "summary.md"
+        summary.unlink(missing_ok=True)
+        done = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
+                              env={**os.environ, "RUN_DIR": str(tmp_path), "GITHUB_STEP_SUMMARY": str(summary)},
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert [line for line in summary.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:] == rows
+
+
 def test_the_substitution_list_stays_tiny():
     assert len(SUBSTITUTES) == 2

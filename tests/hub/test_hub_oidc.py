@@ -230,3 +230,46 @@ def test_the_space_stage_credential_is_a_token_of_the_space_alone(hub, hapi, tok
     assert api.get_space_variables(space)["HUBFORGE_MODEL"].value == "hubforge/x"
     with pytest.raises(HfHubHTTPError):
         api.create_repo(space, exist_ok=True)  # the model repo of that name: not this token's
+
+
+def test_in_a_github_job_the_id_token_is_minted_from_the_runtime_and_only_with_the_switch(hub, hapi, issuer, monkeypatch):
+    """A stand-in for GitHub's ID-token service (ACTIONS_ID_TOKEN_REQUEST_URL/TOKEN, as `id-token: write` sets them):
+    the client asks it for a token with the Hub's URL as audience, then exchanges it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlparse
+
+    from hubforge import hubclient
+
+    asked = []
+
+    class GitHub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            audience = parse_qs(urlparse(self.path).query)["audience"][0]
+            asked.append((audience, self.headers["Authorization"]))
+            body = json.dumps({"value": mint_id_token(KEY, claims(hub, aud=audience))}).encode()
+            self.send_response(200 if self.headers["Authorization"] == "Bearer runtime-token" else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), GitHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        repo = new_repo(hapi, "tp-gh")
+        monkeypatch.delenv("HF_OIDC_ID_TOKEN", raising=False)
+        monkeypatch.setenv("HF_TOKEN", hapi.token)
+        monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", f"http://127.0.0.1:{server.server_address[1]}/token?api-version=2.0")
+        monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "runtime-token")
+        monkeypatch.delenv("HUBFORGE_OIDC", raising=False)
+        assert hubclient.credential(repo) == (hapi.token, "token") and not asked  # the permission alone: no OIDC
+        monkeypatch.setenv("HUBFORGE_OIDC", "1")
+        scoped, how = hubclient.credential(repo)
+        assert how == "oidc" and scoped != hapi.token and asked == [(hub.endpoint, "Bearer runtime-token")]
+        HfApi(endpoint=hub.endpoint, token=scoped).upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo)
+    finally:
+        server.shutdown()
+        server.server_close()
