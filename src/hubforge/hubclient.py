@@ -98,6 +98,7 @@ def commit_exactly(api, repo_id: str, files: list[tuple[str, Path]], message: st
 # ---------------------------------------------------------------- credentials: one token per repo
 CREDENTIAL = {"oidc": "Trusted Publisher (OIDC, scoped to this repo)", "token": "HF_TOKEN (stored token)"}
 
+
 def oidc_available() -> bool:
     """OIDC is asked for and an ID token can be had: given (`HF_OIDC_ID_TOKEN`), or minted by GitHub Actions (a job
     with `id-token: write`) when `HUBFORGE_OIDC=1`. The switch, because the permission alone is not a choice to use
@@ -133,7 +134,7 @@ def credential(repo_id: str, repo_type: str = "model", stage: str = "publish") -
     if exists:
         raise StageError(f"{stage}: {refused}\nThe {repo_type} repo {repo_id} exists, so it can have a Trusted "
                          "Publisher: add this workflow (repository, workflow file, environment) in the repo's "
-                         "Settings -> Trusted Publishers, or run without OIDC (no `id-token: write`) to use HF_TOKEN")
+                         "Settings -> Trusted Publishers, or unset HUBFORGE_OIDC (and HF_OIDC_ID_TOKEN) to publish with HF_TOKEN")
     if not stored:
         raise StageError(f"{stage}: the {repo_type} repo {repo_id} does not exist yet (or is private and nothing "
                          "here can see it), and a Trusted Publisher can only be added to an existing repo: its "

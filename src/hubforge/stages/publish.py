@@ -14,8 +14,8 @@ Gates: the card stage validated the cards, merge verification passed (or there i
 files were verified (or there are none), and no output changed on disk since. Preflight (before any expensive
 stage): a valid token with write access to every target namespace, legal repo names, and no Xet against a local Hub.
 Only this module and `space` talk to the Hub, both through hubforge.hubclient (the unmodified `huggingface_hub.HfApi`).
-Each repo is written with its own credential (`hubclient.credential`): under OIDC (a GitHub job with `id-token:
-write`, or `HF_OIDC_ID_TOKEN`) a Trusted Publisher token scoped to that repo, else (and for a first publish) the
+Each repo is written with its own credential (`hubclient.credential`): under OIDC (`HUBFORGE_OIDC=1` in a GitHub job
+with `id-token: write`, or `HF_OIDC_ID_TOKEN`) a Trusted Publisher token scoped to that repo, else (and for a first publish) the
 stored token; `result.repos.<kind>.credential` records which ("oidc" or "token"), never the token.
 """
 from __future__ import annotations
