@@ -115,6 +115,10 @@ def credential(repo_id: str, repo_type: str = "model", stage: str = "publish") -
     Without OIDC: the stored token. The token never appears in `how` or in an error."""
     from huggingface_hub import get_token
 
+    if os.environ.get("HF_OIDC_RESOURCE"):  # huggingface_hub would use that one repo's token for every request
+        raise StageError(f"{stage}: HF_OIDC_RESOURCE is set, which scopes every token huggingface_hub finds to one repo, "
+                         "but a publish writes up to four: unset it; hubforge exchanges an ID token per repo by itself "
+                         "(HUBFORGE_OIDC=1 in a GitHub job with `id-token: write`, or HF_OIDC_ID_TOKEN)")
     if not oidc_available():
         return get_token(), "token"
     from huggingface_hub import _oidc  # the exchange exactly as huggingface_hub 2.4.0 does it (pinned)

@@ -273,3 +273,11 @@ def test_in_a_github_job_the_id_token_is_minted_from_the_runtime_and_only_with_t
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_hf_oidc_resource_set_for_the_whole_process_is_refused_with_what_to_do(monkeypatch):
+    from hubforge import hubclient
+
+    monkeypatch.setenv("HF_OIDC_RESOURCE", "hubforge/one-repo")
+    with pytest.raises(StageError, match="HF_OIDC_RESOURCE is set.*unset it"):
+        hubclient.credential("hubforge/another")

@@ -45,6 +45,8 @@ def cli_serve(data_dir: Path, host: str = "127.0.0.1", port: int = 8088) -> None
     print(f"Local Hub serving {hub.data_dir}")
     print(f"HF_ENDPOINT={hub.endpoint}")
     print("HF_HUB_DISABLE_XET=1   (set both before importing huggingface_hub)")
+    if hub.oauth.key:
+        print("Trusted Publishers: /oauth/token exchanges ID tokens signed (HS256) with HUBFORGE_HUB_OIDC_KEY")
     if hub.token_path.exists() and sys.stdout.isatty():
         print(f"HF_TOKEN={hub.token_path.read_text().strip()}   (default user's write token; shown only here)")
     else:
