@@ -83,11 +83,16 @@ def plan(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
          fmt: str = typer.Option("text", "--format", help="text | markdown | json"),
          overrides: Optional[List[str]] = SET) -> None:
     """What a run would do: stages, repos, GGUF files, parameter/memory/disk/token estimates. Offline."""
+    from hubforge.errors import StageError
     from hubforge.plan import plan_text
 
     if fmt not in ("text", "markdown", "json"):
         _fail(f"--format must be text, markdown or json, not {fmt!r}")
-    typer.echo(plan_text(_load(recipe_path, overrides), fmt), nl=False)
+    try:
+        text = plan_text(_load(recipe_path, overrides), fmt)
+    except StageError as exc:  # a data file the data stage would refuse: say so now, naming file and line
+        _fail(f"error: {exc}")
+    typer.echo(text, nl=False)
 
 
 @app.command()
