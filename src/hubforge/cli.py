@@ -178,7 +178,7 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = JSON) -> None:
         typer.echo(json.dumps(states, indent=2, ensure_ascii=False))
         return
     for name, entry in states.items():
-        extra = entry.get("error") or (entry.get("result") or {}).get("reason") or ""
+        extra = entry.get("error") or entry.get("outdated_by") or (entry.get("result") or {}).get("reason") or ""
         typer.echo(f"{name:9} {entry['status']:15} {entry.get('ended_at') or entry.get('started_at') or ''}  {extra}".rstrip())
 
 
