@@ -505,10 +505,14 @@ def path_problems(data: dict, root: Path) -> list[tuple[list, str]]:
                 continue
             try:
                 real = confine(root, value)
+                exists = real.exists()  # raises (PermissionError) for a folder we may not enter
             except ValueError as exc:
                 problems.append((path, f"{value[:80]!r} {exc}"))
                 continue
-            if kind in ("file", "folder") and not real.exists():
+            except OSError as exc:
+                problems.append((path, f"{value!r} cannot be read ({exc.strerror})"))
+                continue
+            if kind in ("file", "folder") and not exists:
                 problems.append((path, f"{value!r} does not exist under {root}"))
             elif (kind == "file" and not real.is_file()) or (kind == "folder" and not real.is_dir()):
                 problems.append((path, f"{value!r} is not a {kind} (under {root})"))
