@@ -111,8 +111,10 @@ def start(stage: Stage, run_dir: RunDir, digest: str) -> None:
     result moves to `earlier[<endpoint>]` (so every Hub it published to stays on record), and when its inputs
     changed (another Hub, other files), the publishing stages built on it no longer show `done` for it."""
     fields = {"status": "running", "started_at": now(), "ended_at": None, "inputs_hash": digest, "error": None,
-              "outdated_by": None, **stage_host_fields()}
+              **stage_host_fields()}
     entry = run_dir.manifest["stages"].get(stage.name, {})
+    if entry.get("outdated_by"):
+        fields["outdated_by"] = None
     if stage.publishes:
         fields["endpoint"] = hubclient.endpoint()
         if entry.get("result"):
