@@ -234,3 +234,19 @@ def test_validate_names_an_overlong_or_nul_path_instead_of_crashing(tmp_path):
     assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.output
     assert "long.yaml:4:" in result.output and "has a name of 306 bytes" in result.output
     assert "nul.yaml:2:" in result.output and "base.model: './m\\x00x' contains a NUL byte" in result.output
+
+
+def test_a_lone_surrogate_escape_is_a_validation_error_not_a_crash(tmp_path):
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    path = tmp_path / "s.yaml"
+    path.write_text('name: sur\nbase: {model: "./m\\uDCFF"}\nmethod: {name: lora}\n'
+                    'data: {format: text, files: [d.jsonl]}\ncard: {"k\\uD800": 1, tags: [ok, "\\uDFFF"]}\n', "utf-8")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert [p.split(": ", 2)[1] for p in info.value.problems] == ["base.model", "card.(a key)", "card.tags[1]"]
+    assert all("lone surrogate" in p for p in info.value.problems)
+    raw = {"name": "x1", "base": {"model": "embedded:gemma-3-270m"}, "method": {"name": "lora"},
+           "data": {"format": "text", "files": ["d.jsonl"]}}
+    with pytest.raises(RecipeError, match=r"card.description: holds a lone surrogate"):  # from --set too
+        resolve(raw, root=tmp_path, overrides=['card.description="\\udcff"'])

@@ -529,15 +529,33 @@ def _values_at(data: Any, pattern: tuple, path: tuple = ()):
         yield from _values_at(data[pattern[0]], pattern[1:], path + (pattern[0],))
 
 
-def _find_trust_remote_code(value: Any, path: list) -> list[list]:
+def _find(value: Any, path: list, hit) -> list[list]:
+    """Paths in recipe data whose key (or, for a leaf, value) makes `hit(key, value)` true; a hit is not searched further."""
     hits = []
-    if isinstance(value, dict):
-        for k, v in value.items():
-            hits += [path + [k]] if k == "trust_remote_code" else _find_trust_remote_code(v, path + [k])
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            hits += _find_trust_remote_code(v, path + [i])
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        hits += [path + [k]] if hit(k, v) else _find(v, path + [k], hit)
     return hits
+
+
+def _find_trust_remote_code(value: Any, path: list) -> list[list]:
+    return _find(value, path, lambda key, _: key == "trust_remote_code")
+
+
+def _not_text(value: Any) -> list[list]:
+    """Where a key or string holds a lone surrogate (YAML's "\\udcff" escape): not a character, cannot be UTF-8."""
+    def bad(text) -> bool:
+        return isinstance(text, str) and not text.isascii() and not _encodes(text)
+
+    return [p[:-1] + ["(a key)"] if bad(p[-1]) else p for p in _find(value, [], lambda k, v: bad(k) or bad(v))]
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _derive(data: dict) -> dict:
@@ -587,6 +605,9 @@ def resolve(raw: Any, *, source: str = "<memory>", root: Path | None = None, ove
         kind = "empty" if raw is None else f"a {type(raw).__name__}"
         raise RecipeError(source, [f"{source}: the recipe is {kind}; it must be a YAML mapping with at least name, base, data and method"])
     data = apply_overrides(raw, list(overrides))
+    if broken := _not_text(data):  # before anything quotes these strings into messages, hashes or files
+        raise RecipeError(source, [where(p, "holds a lone surrogate escape (\\ud800-\\udfff), which is not a character; "
+                                            "write the character itself") for p in broken])
     refused = _find_trust_remote_code(data, [])
     problems = [where(p, "trust_remote_code is refused: hubforge never runs code shipped inside a model repo") for p in refused]
     for path in refused:  # reported once, not again as an unknown key
