@@ -242,6 +242,7 @@ def test_stage_counts_skips_writes_rows_and_fingerprints(project):
                                "columns": {"input": "context", "output": "response"}})
     result = data.run(recipe, run_dir)
     assert result["skipped"] == {"empty_instruction": 1, "empty_output": 1, "invalid_record": 2, "malformed_output": 1}
+    assert len(result["skipped_examples"]) == 2 and all(e.startswith("data/alpaca.jsonl:") for e in result["skipped_examples"])
     assert (result["rows_train"], result["rows_eval"]) == (3, 1)
     train = rows_of(run_dir.path / "data" / "train.jsonl")
     assert len(train) == 3 and all(r["messages"][-1]["role"] == "assistant" for r in train)

@@ -38,6 +38,7 @@ def run(recipe, run_dir) -> dict:
     skipped = Counter()
     if invalid := source.pop("invalid_records", 0):
         skipped["invalid_record"] = invalid  # a JSON line that does not parse, or a record that is not an object
+    examples = source.pop("invalid_examples", [])  # `file:line: what` of the first few
     mapping = formats.column_map(d.format, d.columns)
     if problem := formats.check_columns(d.format, mapping, present):
         raise StageError(problem)
@@ -70,6 +71,7 @@ def run(recipe, run_dir) -> dict:
     digest = hashlib.sha256((out / "train.jsonl").read_bytes() + b"\0" + (out / "eval.jsonl").read_bytes()).hexdigest()
     return {
         "rows_train": len(train_rows), "rows_eval": len(eval_rows), "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": examples,
         "truncated": counts["truncated"], "dropped_too_long": counts["dropped"], "fingerprint": digest,
         "source": source, "format": d.format, "chat_template": template.describe(),
         "tokens": {"train_total": sum(lengths), "train_max": max(lengths), "train_mean": round(sum(lengths) / len(lengths), 1)},
