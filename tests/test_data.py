@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hubforge import chat, formats
+from hubforge.datarows import read_rows
 from hubforge.pipeline import StageError
 from hubforge.recipe import resolve
 from hubforge.rundir import RunDir
@@ -132,20 +133,34 @@ def test_fit_truncates_or_drops_as_the_recipe_says():
 
 
 def test_read_file_formats(tmp_path):
-    rows, bad = data.read_file(FIXTURES / "alpaca.jsonl")
-    assert len(rows) == 7 and bad == 2
+    rows, bad = read_rows(FIXTURES / "alpaca.jsonl")
+    assert len(rows) == 7 and len(bad) == 2
     (tmp_path / "a.json").write_text(json.dumps({"data": [{"text": "a"}, {"text": "b"}]}), "utf-8")
-    assert data.read_file(tmp_path / "a.json") == ([{"text": "a"}, {"text": "b"}], 0)
-    rows, _ = data.read_file(FIXTURES / "text.csv")
+    assert read_rows(tmp_path / "a.json") == ([{"text": "a"}, {"text": "b"}], [])
+    rows, _ = read_rows(FIXTURES / "text.csv")
     assert [r["text"] for r in rows] == ["The first document, with a comma.", "", "Second document."]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([{"text": "p1"}, {"text": "p2"}]), tmp_path / "t.parquet")
-    assert data.read_file(tmp_path / "t.parquet") == ([{"text": "p1"}, {"text": "p2"}], 0)
+    assert read_rows(tmp_path / "t.parquet") == ([{"text": "p1"}, {"text": "p2"}], [])
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(StageError, match="unsupported file type"):
-        data.read_file(tmp_path / "x.txt")
+        read_rows(tmp_path / "x.txt")
+
+
+def test_bad_records_are_named_by_file_and_line_and_bad_utf8_stops_with_the_line(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\nnot json\n\n[1, 2]\n' + "[" * 100_000 + "\n", "utf-8")
+    rows, bad = read_rows(tmp_path / "a.jsonl", "data/a.jsonl")
+    assert rows == [{"text": "ok"}]
+    assert bad == ["data/a.jsonl:2: not JSON (Expecting value at column 1)", "data/a.jsonl:4: a JSON list, not an object",
+                   "data/a.jsonl:5: not JSON (nested too deeply)"]
+    (tmp_path / "b.csv").write_bytes(b"text\nfine\nbro\xffken\n")
+    with pytest.raises(StageError, match=r"^data.files: data/b.csv:3: not UTF-8 \(byte 0xff at offset 13\); save the file as UTF-8$"):
+        read_rows(tmp_path / "b.csv", "data/b.csv")
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(StageError, match="data/c.parquet: not a readable Parquet file"):
+        read_rows(tmp_path / "c.parquet", "data/c.parquet")
 
 
 # ---------------------------------------------------------------- tokenizer-level rules (real tiny SentencePiece)
@@ -227,6 +242,7 @@ def test_stage_counts_skips_writes_rows_and_fingerprints(project):
                                "columns": {"input": "context", "output": "response"}})
     result = data.run(recipe, run_dir)
     assert result["skipped"] == {"empty_instruction": 1, "empty_output": 1, "invalid_record": 2, "malformed_output": 1}
+    assert len(result["skipped_examples"]) == 2 and all(e.startswith("data/alpaca.jsonl:") for e in result["skipped_examples"])
     assert (result["rows_train"], result["rows_eval"]) == (3, 1)
     train = rows_of(run_dir.path / "data" / "train.jsonl")
     assert len(train) == 3 and all(r["messages"][-1]["role"] == "assistant" for r in train)
@@ -266,6 +282,19 @@ def test_missing_column_fails_before_any_model(project, monkeypatch):
     recipe, run_dir = project({"files": ["data/squad.jsonl"], "format": "squad", "columns": {"question": "question_text"}})
     with pytest.raises(StageError, match=r"'question_text' \(for question\) not found.*columns: id, context, question, answers"):
         data.run(recipe, run_dir)
+
+
+def test_stage_names_a_file_that_is_not_utf8_and_prints_skipped_rows(project, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load_tokenizer", lambda recipe: pytest.fail("the tokenizer/model must not be loaded"))
+    (tmp_path / "data" / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(StageError, match=r"data/latin1.jsonl:2: not UTF-8 \(byte 0xe9"):
+        data.run(*project({"files": ["data/latin1.jsonl"], "format": "text"}))
+    (tmp_path / "data" / "bad.jsonl").write_text('{"text": ""}\nnot json\n{"text": 5}\n', "utf-8")
+    with pytest.raises(StageError):
+        data.run(*project({"files": ["data/bad.jsonl"], "format": "text"}))
+    out = capsys.readouterr().out
+    assert "[data] skipped data/bad.jsonl:2: not JSON (Expecting value at column 1)" in out
+    assert "[data] skipped 3 rows: " in out and "invalid_record 1" in out
 
 
 def test_zero_usable_rows_fail_before_any_model(project, tmp_path, monkeypatch):

@@ -65,7 +65,9 @@ def test_missing_train_output_is_an_error(tmp_path):
 
 
 def test_missing_include_path_names_the_field(tmp_path):
+    (tmp_path / "nope").mkdir()  # validation checks it exists; it vanished before the stage ran
     recipe = recipe_for(tmp_path, lm_eval={"tasks": ["x"], "include_path": "nope"})
+    (tmp_path / "nope").rmdir()
     with pytest.raises(StageError, match=r"eval\.lm_eval\.include_path 'nope'"):
         evaluate.prepare_lm_eval(recipe, tmp_path / "rendered")
 

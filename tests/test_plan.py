@@ -58,3 +58,21 @@ def test_prompt_tuned_recipe_has_no_merged_or_gguf_repo_and_warns_about_unpinned
     assert plan["repos"]["adapter"].endswith("-prompt-tuning")
     assert any("data.revision" in w for w in plan["warnings"])
     assert {s["name"]: s["applies"] for s in plan["stages"]}["merge"] is False
+
+
+def test_plan_names_bad_data_rows_and_refuses_a_file_that_is_not_utf8(tmp_path):
+    (tmp_path / "pyproject.toml").touch()  # the project root the recipe's paths are relative to
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mixed.jsonl").write_text('{"text": "hello"}\nnot json\n[1]\n{"text": "bye"}\n', "utf-8")
+    (tmp_path / "data" / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    for name in ("mixed", "latin1"):
+        (tmp_path / f"{name}.yaml").write_text(f"name: plan-{name}\nbase: {{model: 'embedded:gemma-3-270m'}}\n"
+                                               f"data: {{files: [data/{name}.jsonl], format: text}}\nmethod: {{name: lora}}\n")
+    mixed = CliRunner().invoke(app, ["plan", str(tmp_path / "mixed.yaml")])
+    assert mixed.exit_code == 0, mixed.output
+    assert ("2 records the data stage will skip: data/mixed.jsonl:2: not JSON (Expecting value at column 1); "
+            "data/mixed.jsonl:3: a JSON list, not an object") in mixed.output
+    bad = CliRunner().invoke(app, ["plan", str(tmp_path / "latin1.yaml")])
+    assert bad.exit_code == 1
+    assert "error: data.files: data/latin1.jsonl:2: not UTF-8 (byte 0xe9 at offset 28); save the file as UTF-8" in bad.output
+    assert "Traceback" not in bad.output

@@ -165,3 +165,88 @@ def test_qa_metrics_need_squad_data():
            "method": {"name": "lora"}, "eval": {"qa": True}}
     with pytest.raises(RecipeError, match="eval.qa"):
         resolve(raw, root=REPO)
+
+
+# ---------------------------------------------------------------- local paths: one rule for every path field
+def test_the_schema_marks_every_path_field():
+    assert dict(R.path_fields()) == {("base", "model"): "local-folder", ("data", "files", "*"): "file",
+                                     ("eval", "lm_eval", "include_path"): "folder"}
+
+
+@pytest.fixture
+def repo_tree(tmp_path):
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "ok.jsonl").write_text('{"text": "x"}\n', "utf-8")
+    (root / "tasks").mkdir()
+    (root / "data" / "passwd.jsonl").symlink_to("/etc/passwd")
+    (root / "outside-tasks").symlink_to(tmp_path, target_is_directory=True)
+    (root / "loop").symlink_to(root / "loop")
+    return root
+
+
+def path_errors(root: Path, data: dict | None = None, base: str = "embedded:gemma-3-270m", include_path=None) -> str:
+    raw = {"name": "paths", "base": {"model": base}, "data": {"format": "text", "files": ["data/ok.jsonl"], **(data or {})},
+           "method": {"name": "lora"}, "eval": {"lm_eval": {"include_path": include_path}}}
+    try:
+        resolve(raw, root=root, source="<t>")
+    except RecipeError as exc:
+        return "\n".join(exc.problems)
+    return ""
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("include_path", "/etc", "eval.lm_eval.include_path: '/etc' is outside the repository"),
+    ("include_path", "../", "eval.lm_eval.include_path: '../' is outside the repository"),
+    ("include_path", "outside-tasks", "(a symlink leads to "),
+    ("include_path", "data/ok.jsonl", "is not a folder"),
+    ("include_path", "nope", "'nope' does not exist under"),
+    ("files", "data/passwd.jsonl", "data.files[0]: 'data/passwd.jsonl' is outside the repository"),
+    ("files", "/etc/passwd", "data.files[0]: '/etc/passwd' is outside the repository"),
+    ("files", "loop", "data.files[0]: 'loop' "),
+    ("files", "data/" + "x" * 300 + ".jsonl", "has a name of 306 bytes"),
+    ("files", "data/ok\0.jsonl", "contains a NUL byte"),
+    ("files", "d/" * 2100, "is longer than 4096 bytes"),
+    ("base", "/etc", "base.model: '/etc' is outside the repository"),
+    ("base", "./models/../../x", "base.model: './models/../../x' is outside the repository"),
+])
+def test_every_path_field_is_confined_by_one_rule(repo_tree, field, value, expected):
+    args = {"files": {"data": {"files": [value]}}, "base": {"base": value}, "include_path": {"include_path": value}}[field]
+    assert expected in path_errors(repo_tree, **args)
+
+
+def test_paths_inside_the_repository_pass_and_a_local_base_may_be_fetched_later(repo_tree):
+    assert path_errors(repo_tree, include_path="tasks", base="./models/not-fetched-yet") == ""
+    assert path_errors(repo_tree, data={"files": [str(repo_tree / "data" / "ok.jsonl")]}) == ""  # absolute, inside
+
+
+def test_validate_names_an_overlong_or_nul_path_instead_of_crashing(tmp_path):
+    from typer.testing import CliRunner
+
+    from hubforge.cli import app
+
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "long.yaml").write_text("name: long\nbase: {model: 'embedded:gemma-3-270m'}\nmethod: {name: lora}\n"
+                                        f"data: {{format: text, files: [data/{'a' * 300}.jsonl]}}\n", "utf-8")
+    (tmp_path / "nul.yaml").write_text('name: nul\nbase: {model: "./m\\0x"}\nmethod: {name: lora}\n'
+                                       "data: {format: text, files: [x.jsonl]}\n", "utf-8")
+    result = CliRunner().invoke(app, ["validate", str(tmp_path)])
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.output
+    assert "long.yaml:4:" in result.output and "has a name of 306 bytes" in result.output
+    assert "nul.yaml:2:" in result.output and "base.model: './m\\x00x' contains a NUL byte" in result.output
+
+
+def test_a_lone_surrogate_escape_is_a_validation_error_not_a_crash(tmp_path):
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    path = tmp_path / "s.yaml"
+    path.write_text('name: sur\nbase: {model: "./m\\uDCFF"}\nmethod: {name: lora}\n'
+                    'data: {format: text, files: [d.jsonl]}\ncard: {"k\\uD800": 1, tags: [ok, "\\uDFFF"]}\n', "utf-8")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert [p.split(": ", 2)[1] for p in info.value.problems] == ["base.model", "card.(a key)", "card.tags[1]"]
+    assert all("lone surrogate" in p for p in info.value.problems)
+    raw = {"name": "x1", "base": {"model": "embedded:gemma-3-270m"}, "method": {"name": "lora"},
+           "data": {"format": "text", "files": ["d.jsonl"]}}
+    with pytest.raises(RecipeError, match=r"card.description: holds a lone surrogate"):  # from --set too
+        resolve(raw, root=tmp_path, overrides=['card.description="\\udcff"'])

@@ -127,3 +127,28 @@ def test_fuzzed_recipes_give_recipe_errors_not_tracebacks(tmp_path):
 
 def test_yaml_errors_are_yaml_errors():
     assert issubclass(BoundedYAMLError, yaml.MarkedYAMLError)
+
+
+def test_fuzzed_paths_are_refused_or_confined(tmp_path):
+    """Random hostile paths in every path field: a RecipeError naming the field, or a path that really is inside."""
+    from hubforge.recipe import confine, resolve
+
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "ok.jsonl").write_text("{}\n")
+    (root / "up").symlink_to("..")
+    rng = random.Random(16)
+    parts = ["..", ".", "", "data", "ok.jsonl", "up", "/etc", "~", "\x00", "a" * 256, "ش" * 130, "%2e%2e", "\\..",
+             "\udcff", " ", "\n", "passwd"]
+    for _ in range(300):
+        value = "/".join(rng.choice(parts) for _ in range(rng.randint(1, 6)))
+        field = rng.choice(["files", "include_path", "model"])
+        raw = {"name": "fuzz", "base": {"model": "./" + value if field == "model" else "embedded:gemma-3-270m"},
+               "data": {"format": "text", "files": [value if field == "files" else "data/ok.jsonl"]},
+               "method": {"name": "lora"}, "eval": {"lm_eval": {"include_path": value if field == "include_path" else None}}}
+        try:
+            resolve(raw, root=root, source="<fuzz>")
+        except RecipeError as exc:
+            assert any(f in p for p in exc.problems for f in ("data.files", "include_path", "base.model")), exc.problems
+            continue
+        confine(root, "./" + value if field == "model" else value)  # accepted means inside: confine agrees

@@ -68,7 +68,8 @@ def test_transformers_backend_streams_a_persian_reply(tiny_base, tmp_path):
 
 
 def test_space_serve_runs_the_app_on_a_run_directory(make_recipe, tiny_gguf, tmp_path):
-    """`hubforge space serve --run-dir DIR`: the run's own GGUF, the recipe's Space settings, no Hub."""
+    """`hubforge space serve --run-dir DIR`: the run's own GGUF, the recipe's Space settings, no Hub. DIR is relative,
+    as `make demo` prints it: the app runs in its own folder, so the CLI must resolve DIR where it was typed."""
     import shutil
 
     from hubforge.recipe import dump_resolved
@@ -79,8 +80,8 @@ def test_space_serve_runs_the_app_on_a_run_directory(make_recipe, tiny_gguf, tmp
     (run / "recipe.resolved.yaml").write_text(dump_resolved(recipe))
     shutil.copy(tiny_gguf, run / "gguf" / f"{recipe.name}-Q4_K_M.gguf")
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "hubforge.cli", "space", "serve", "--run-dir", str(run),
-                                "--port", str(port)])
+    process = subprocess.Popen([sys.executable, "-m", "hubforge.cli", "space", "serve", "--run-dir", "run",
+                                "--port", str(port)], cwd=tmp_path)
     try:
         wait_ready(f"http://127.0.0.1:{port}", process, None, 180)  # its output goes to pytest
         _, final, _, _ = stream_chat(f"http://127.0.0.1:{port}", PERSIAN_PROMPT, max_new_tokens=16)

@@ -193,7 +193,7 @@ def test_requirements_are_pinned_to_the_tested_versions_and_split_by_backend():
             assert metadata.version(name).split("+")[0] == version, f"space/requirements.txt pins {name}=={version}"
 
 
-def test_run_dir_env_serves_the_runs_own_files(tmp_path, make_recipe):
+def test_run_dir_env_serves_the_runs_own_files(tmp_path, make_recipe, monkeypatch):
     from hubforge.recipe import dump_resolved
 
     recipe = make_recipe(space={"examples": ["سلام"]})
@@ -205,6 +205,8 @@ def test_run_dir_env_serves_the_runs_own_files(tmp_path, make_recipe):
     env = spaceserve.run_dir_env(tmp_path)
     assert env["GGUF_PATH"] == str(tmp_path / "gguf" / "tiny-test-Q4_K_M.gguf") and env["RTL"] == "1"
     assert json.loads(env["EXAMPLES"]) == ["سلام"]
+    monkeypatch.chdir(tmp_path.parent)  # a relative run directory becomes absolute: the app runs in another folder
+    assert spaceserve.run_dir_env(Path(tmp_path.name))["GGUF_PATH"] == env["GGUF_PATH"]
     with pytest.raises(StageError, match="hub_env|--model-repo"):
         spaceserve.hub_env(backend="transformers")
 

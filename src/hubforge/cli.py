@@ -43,6 +43,13 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _here(path: Path | None) -> Path | None:
+    """A folder or file the user named, made absolute against the directory the command was run in, before any
+    library call or child process (the Space app, a Hub server) could read it relative to another one. Recipe paths
+    stay as typed: they are read at once, and messages and cards quote them as the user wrote them."""
+    return None if path is None else Path(os.path.abspath(path))
+
+
 def _load(path: Path, overrides: list[str] | None):
     try:
         return load_recipe(path, overrides or [])
@@ -83,11 +90,16 @@ def plan(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
          fmt: str = typer.Option("text", "--format", help="text | markdown | json"),
          overrides: Optional[List[str]] = SET) -> None:
     """What a run would do: stages, repos, GGUF files, parameter/memory/disk/token estimates. Offline."""
+    from hubforge.errors import StageError
     from hubforge.plan import plan_text
 
     if fmt not in ("text", "markdown", "json"):
         _fail(f"--format must be text, markdown or json, not {fmt!r}")
-    typer.echo(plan_text(_load(recipe_path, overrides), fmt), nl=False)
+    try:
+        text = plan_text(_load(recipe_path, overrides), fmt)
+    except StageError as exc:  # a data file the data stage would refuse: say so now, naming file and line
+        _fail(f"error: {exc}")
+    typer.echo(text, nl=False)
 
 
 @app.command()
@@ -108,7 +120,7 @@ def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
     from hubforge.rundir import RunDir
 
     recipe = _load(recipe_path, overrides)
-    folder = run_dir or pipeline.default_run_dir(recipe)
+    folder = _here(run_dir or pipeline.default_run_dir(recipe))
     echo = (lambda _msg: None) if (quiet or as_json) else typer.echo
     if quiet or as_json:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -156,6 +168,7 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = JSON) -> None:
     from hubforge.pipeline import STAGES
     from hubforge.rundir import RunDir
 
+    run_dir = _here(run_dir)
     if not (run_dir / "manifest.json").is_file():
         _fail(f"{run_dir} has no manifest.json; is it a hubforge run directory?")
     rd = RunDir.open(run_dir)
@@ -165,7 +178,7 @@ def status(run_dir: Path = typer.Argument(...), as_json: bool = JSON) -> None:
         typer.echo(json.dumps(states, indent=2, ensure_ascii=False))
         return
     for name, entry in states.items():
-        extra = entry.get("error") or (entry.get("result") or {}).get("reason") or ""
+        extra = entry.get("error") or entry.get("outdated_by") or (entry.get("result") or {}).get("reason") or ""
         typer.echo(f"{name:9} {entry['status']:15} {entry.get('ended_at') or entry.get('started_at') or ''}  {extra}".rstrip())
 
 
@@ -180,7 +193,7 @@ def demo(recipe_path: Path = typer.Argument(Path("recipes/gemma-3-270m/persian-c
 
     keep = sys.stdin.isatty() and sys.stdout.isatty() if serve is None else serve
     try:
-        run_demo(recipe_path, data_dir, overrides or [], keep, echo=typer.echo, run_dir=run_dir)
+        run_demo(recipe_path, _here(data_dir), overrides or [], keep, echo=typer.echo, run_dir=_here(run_dir))
     except RecipeError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - stage failures are reported with the run directory to resume from
@@ -194,7 +207,7 @@ def base_fetch(model: str = typer.Argument("embedded:gemma-3-270m"),
     from hubforge.base import fetch_embedded
 
     try:
-        typer.echo(str(fetch_embedded(model, to, progress=lambda m: typer.echo(m, err=True))))
+        typer.echo(str(fetch_embedded(model, _here(to), progress=lambda m: typer.echo(m, err=True))))
     except ValueError as exc:
         _fail(str(exc))
 
@@ -205,7 +218,7 @@ def hub_serve(data_dir: Path = typer.Option(Path(".hub-data"), help="Where repos
     """Serve a local Hub; prints the HF_ENDPOINT and a token to use."""
     from hubforge.hub import cli_serve
 
-    cli_serve(data_dir, host, port)
+    cli_serve(_here(data_dir), host, port)
 
 
 @space_app.command("deploy")
@@ -218,7 +231,7 @@ def space_deploy(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
     from hubforge.rundir import RunDir
 
     recipe = _load(recipe_path, overrides)
-    folder = run_dir or pipeline.default_run_dir(recipe)
+    folder = _here(run_dir or pipeline.default_run_dir(recipe))
     try:
         pipeline.run(recipe, RunDir.open(folder), ["space"], force=True, echo=typer.echo, publish=True,
                      options={"space": {"timeout": timeout}})
@@ -243,7 +256,7 @@ def space_serve(run_dir: Optional[Path] = typer.Option(None, help="Serve a run d
         _fail(f"--backend must be gguf or transformers, not {backend!r}")
     try:
         if run_dir is not None:
-            env = spaceserve.run_dir_env(run_dir, backend)
+            env = spaceserve.run_dir_env(_here(run_dir), backend)
         elif model_repo or gguf_repo:
             env = spaceserve.hub_env(model_repo, gguf_repo, gguf_file, adapter_repo, backend)
         else:
@@ -264,7 +277,7 @@ def changed(base: str = typer.Argument(..., help="Revision before the change (a 
     from hubforge.changed import ChangedError, changed_recipes
 
     try:
-        found = changed_recipes(base, head, repo, merge_base=merge_base)
+        found = changed_recipes(base, head, _here(repo), merge_base=merge_base)
     except ChangedError as exc:
         _fail(f"error: {exc}")
     if as_json:
@@ -280,6 +293,7 @@ def summary(run_dir: Path = typer.Argument(...),
     """A run directory as Markdown: stage states, eval table, GGUF quality table (for a CI job summary)."""
     from hubforge.summary import run_summary
 
+    # As typed: read here and now, by this process only; the Markdown heading quotes it as the user wrote it.
     if not (run_dir / "manifest.json").is_file():
         _fail(f"{run_dir} has no manifest.json; is it a hubforge run directory?")
     typer.echo(run_summary(run_dir, compare_hub), nl=False)

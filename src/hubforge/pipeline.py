@@ -9,7 +9,9 @@ nothing to do for a recipe (e.g. `merge` for prompt tuning) returns `{"status": 
 Adding a stage is one entry in `STAGES`. A stage is skipped when it finished before with the same inputs
 (the recipe sections it reads + the outputs of the stages it needs) and its outputs are still on disk;
 otherwise it runs again, and a stage that crashed or was killed is re-run. Publishing stages are the exception:
-they always run (idempotently), since what they change lives outside the run directory.
+they always run (idempotently), since what they change lives outside the run directory. The Hub they talk to
+(HF_ENDPOINT) is one of their inputs: each entry records its endpoint, a result from another Hub is kept under
+`earlier`, and a publishing stage built on one that ran again elsewhere shows `outdated` until it runs there too.
 
     hubforge run recipes/gemma-3-270m/persian-chat-lora.yaml --stages data,train
 """
@@ -90,7 +92,43 @@ def inputs_hash(stage: Stage, recipe: Recipe, run_dir: RunDir) -> str:
         "recipe": recipe.section_hash(*stage.sections),
         "upstream": {n: run_dir.outputs_hash(n) for n in stage.needs},
     }
+    if stage.publishes:  # what it changes lives on that Hub: another Hub is another input
+        parts["endpoint"] = hubclient.endpoint()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def dependants(name: str) -> list[Stage]:
+    """The stages built on `name`, directly or through others, in pipeline order."""
+    found = {name}
+    for stage in STAGES:  # STAGES is in dependency order, so one pass finds every descendant
+        if found & set(stage.needs):
+            found.add(stage.name)
+    return [s for s in STAGES if s.name in found - {name}]
+
+
+def start(stage: Stage, run_dir: RunDir, digest: str) -> None:
+    """Mark `stage` running. For a stage with Hub side effects, what it did before is history from now on: its last
+    result moves to `earlier[<endpoint>]` (so every Hub it published to stays on record), and when its inputs
+    changed (another Hub, other files), the publishing stages built on it no longer show `done` for it."""
+    fields = {"status": "running", "started_at": now(), "ended_at": None, "inputs_hash": digest, "error": None,
+              **stage_host_fields()}
+    entry = run_dir.manifest["stages"].get(stage.name, {})
+    if entry.get("outdated_by"):
+        fields["outdated_by"] = None
+    if stage.publishes:
+        fields["endpoint"] = hubclient.endpoint()
+        if entry.get("result"):
+            earlier = dict(entry.get("earlier") or {})
+            where = entry.get("endpoint") or entry["result"].get("endpoint") or "unknown"
+            earlier[where] = {"ended_at": entry.get("ended_at"), "status": entry.get("status"), "result": entry["result"]}
+            fields.update(earlier=earlier, result={})
+        if entry.get("inputs_hash") not in (None, digest):
+            for later in dependants(stage.name):
+                state = run_dir.manifest["stages"].get(later.name, {}).get("status")
+                if later.publishes and state in ("done", "not_applicable"):
+                    run_dir.mark(later.name, status="outdated",
+                                 outdated_by=f"{stage.name} ran again with other inputs (Hub {fields['endpoint']})")
+    run_dir.mark(stage.name, **fields)
 
 
 def _save_resolved(recipe: Recipe, run_dir: RunDir) -> None:
@@ -148,8 +186,7 @@ def run(recipe: Recipe, run_dir: RunDir, stages: list[str] | None = None, force:
                 echo(f"[{stage.name}] previous attempt was interrupted; running it again")
             echo(f"[{stage.name}] {stage.summary}")
             started = time.time()
-            run_dir.mark(stage.name, status="running", started_at=now(), ended_at=None, inputs_hash=digest, error=None,
-                         **stage_host_fields())
+            start(stage, run_dir, digest)
             try:
                 result = stage.entry()(recipe, run_dir, **(options or {}).get(stage.name, {})) or {}
             except BaseException as exc:

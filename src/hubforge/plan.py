@@ -12,6 +12,7 @@ import json
 
 from hubforge import products
 from hubforge.base import KNOWN_BASES, embedded_dir
+from hubforge.datarows import read_rows
 from hubforge.pipeline import STAGES
 from hubforge.recipe import Recipe
 
@@ -103,16 +104,15 @@ def disk_estimate(recipe: Recipe, params: dict) -> dict:
 def token_estimate(recipe: Recipe) -> dict:
     if not recipe.data.files:
         return {"tokens": None, "how": f"dataset {recipe.data.hub} is not on this machine; counted by the data stage"}
-    rows, chars = 0, 0
+    rows, chars, skipped = 0, 0, []
     for rel in recipe.data.files:
         path = recipe.local_path(rel)
-        if path.suffix in (".jsonl", ".json"):
-            lines = path.read_text("utf-8").splitlines() if path.suffix == ".jsonl" else [json.dumps(r) for r in json.loads(path.read_text("utf-8"))]
-            for line in filter(str.strip, lines):
-                rows += 1
-                chars += len(_text_of(json.loads(line)))
-        else:
+        if path.suffix.lower() == ".parquet":
             return {"tokens": None, "how": f"{rel}: token counts for {path.suffix} files come from the data stage"}
+        file_rows, bad = read_rows(path, rel)  # the data stage's reader: same rows, same problems
+        rows += len(file_rows)
+        chars += sum(len(_text_of(r)) for r in file_rows)
+        skipped += bad
     used = rows * (1 - recipe.data.eval_fraction) * recipe.data.fraction
     if recipe.data.max_samples:
         used = min(used, recipe.data.max_samples)
@@ -121,7 +121,8 @@ def token_estimate(recipe: Recipe) -> dict:
     steps = recipe.train.max_steps
     per_epoch = used * per_row
     total = steps * recipe.train.batch_size * recipe.train.grad_accum * per_row if steps else per_epoch * epochs
-    return {"tokens": int(total), "rows": int(used), "how": "characters / 3 (estimate; the data stage counts exactly)"}
+    return {"tokens": int(total), "rows": int(used), "how": "characters / 3 (estimate; the data stage counts exactly)",
+            "skipped": skipped}
 
 
 def _text_of(row) -> str:
@@ -206,6 +207,9 @@ def render(plan: dict, fmt: str) -> str:
         ("Train tokens", f"≈ {tok['tokens']:,} over {tok['rows']} rows ({tok['how']})" if tok.get("tokens") else tok["how"]),
     ]
     rows += [("Warning", w) for w in plan["warnings"]]
+    if skipped := tok.get("skipped"):
+        rows += [("Skipped rows", f"{len(skipped)} records the data stage will skip: " + "; ".join(skipped[:5])
+                  + (f"; … {len(skipped) - 5} more" if len(skipped) > 5 else ""))]
     if fmt == "markdown":
         lines = [f"### hubforge plan: `{plan['recipe']['name']}`", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in rows]

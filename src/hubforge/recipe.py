@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -408,11 +409,7 @@ def _semantic_problems(data: dict, root: Path, where) -> list[str]:
             problems.append(where(["method", section], f"parameters for {' / '.join(owners)} do not belong to method {name!r}; remove them or change method.name"))
     if ("hub" in dat) == ("files" in dat):
         problems.append(where(["data"], "give exactly one of data.hub (a Hub dataset id) or data.files (local files)"))
-    for i, rel in enumerate(dat.get("files") or []):
-        if isinstance(rel, str) and not _inside(root, rel):
-            problems.append(where(["data", "files", i], f"{rel!r} is outside the repository ({root}); local data must live inside it"))
-        elif isinstance(rel, str) and not (root / rel).is_file():
-            problems.append(where(["data", "files", i], f"{rel!r} does not exist under {root}"))
+    problems += [where(path, message) for path, message in path_problems(data, root)]
     if "files" in dat and (dat.get("revision") or dat.get("subset")):
         problems.append(where(["data", "revision"], "revision/subset apply only to data.hub"))
     model = base.get("model")
@@ -420,10 +417,7 @@ def _semantic_problems(data: dict, root: Path, where) -> list[str]:
         if model.startswith("embedded:"):
             if model not in EMBEDDED_BASES:
                 problems.append(where(["base", "model"], f"unknown embedded base {model!r}; known: {', '.join(EMBEDDED_BASES)}"))
-        elif model.startswith((".", "/")):
-            if not _inside(root, model):
-                problems.append(where(["base", "model"], f"{model!r} is outside the repository ({root})"))
-        else:
+        elif not is_local(model):
             try:
                 validate_repo_id(model)
             except HFValidationError as exc:
@@ -459,23 +453,109 @@ def _semantic_problems(data: dict, root: Path, where) -> list[str]:
     return problems
 
 
-def _inside(root: Path, rel: str) -> bool:
+# ---------------------------------------------------------------- local paths: one rule for every path field
+# A field names a local path when the schema marks it `x-path`: "file" and "folder" must exist as such;
+# "local-folder" (base.model) is a path only when it starts with "." or "/" and may be created later
+# (`hubforge base fetch --to`). Every such path must resolve, symlinks followed, to somewhere inside the repository.
+MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4096  # NAME_MAX and PATH_MAX of Linux file systems
+
+
+def path_fields(node: dict | None = None, path: tuple = ()) -> list[tuple[tuple, str]]:
+    """(field path, `*` for list items; kind) of every field the schema marks with `x-path`."""
+    node = schema() if node is None else node
+    found = [(path, node["x-path"])] if "x-path" in node else []
+    for key, sub in node.get("properties", {}).items():
+        found += path_fields(sub, path + (key,))
+    if isinstance(node.get("items"), dict):
+        found += path_fields(node["items"], path + ("*",))
+    return found
+
+
+def is_local(model: str) -> bool:
+    """Whether base.model names a local folder (rather than a Hub repo id or an embedded base)."""
+    return model.startswith((".", "/"))
+
+
+def confine(root: Path, value: str) -> Path:
+    """Where a recipe path really is (symlinks resolved); ValueError (the reason) unless that is inside `root`."""
+    if "\0" in value:
+        raise ValueError("contains a NUL byte")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ValueError(f"is longer than {MAX_PATH_BYTES} bytes")
+    if long := next((p for p in value.split("/") if len(p.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES), None):
+        raise ValueError(f"has a name of {len(long.encode('utf-8', 'surrogatepass'))} bytes ({long[:16]}…); "
+                         f"file and folder names are at most {MAX_NAME_BYTES} bytes")
+    real_root = root.resolve()
     try:
-        (root / rel).resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
+        real = (root / value).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ValueError(f"cannot be resolved ({exc})") from None
+    if not real.is_relative_to(real_root):
+        via = f" (a symlink leads to {real})" if real != Path(os.path.normpath(root.absolute() / value)) else ""
+        raise ValueError(f"is outside the repository ({real_root}){via}; local paths must stay inside it")
+    return real
+
+
+def path_problems(data: dict, root: Path) -> list[tuple[list, str]]:
+    """(field path, message) for every local path in recipe data that escapes `root` or is not what the field needs."""
+    problems = []
+    for pattern, kind in path_fields():
+        for path, value in _values_at(data, pattern):
+            if not isinstance(value, str) or (kind == "local-folder" and not is_local(value)):
+                continue
+            try:
+                real = confine(root, value)
+                exists = real.exists()  # raises (PermissionError) for a folder we may not enter
+            except ValueError as exc:
+                problems.append((path, f"{value[:80]!r} {exc}"))
+                continue
+            except OSError as exc:
+                problems.append((path, f"{value!r} cannot be read ({exc.strerror})"))
+                continue
+            if kind in ("file", "folder") and not exists:
+                problems.append((path, f"{value!r} does not exist under {root}"))
+            elif (kind == "file" and not real.is_file()) or (kind == "folder" and not real.is_dir()):
+                problems.append((path, f"{value!r} is not a {kind} (under {root})"))
+    return problems
+
+
+def _values_at(data: Any, pattern: tuple, path: tuple = ()):
+    if not pattern:
+        yield list(path), data
+    elif pattern[0] == "*" and isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _values_at(value, pattern[1:], path + (i,))
+    elif isinstance(data, dict) and pattern[0] in data:
+        yield from _values_at(data[pattern[0]], pattern[1:], path + (pattern[0],))
+
+
+def _find(value: Any, path: list, hit) -> list[list]:
+    """Paths in recipe data whose key (or, for a leaf, value) makes `hit(key, value)` true; a hit is not searched further."""
+    hits = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        hits += [path + [k]] if hit(k, v) else _find(v, path + [k], hit)
+    return hits
 
 
 def _find_trust_remote_code(value: Any, path: list) -> list[list]:
-    hits = []
-    if isinstance(value, dict):
-        for k, v in value.items():
-            hits += [path + [k]] if k == "trust_remote_code" else _find_trust_remote_code(v, path + [k])
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            hits += _find_trust_remote_code(v, path + [i])
-    return hits
+    return _find(value, path, lambda key, _: key == "trust_remote_code")
+
+
+def _not_text(value: Any) -> list[list]:
+    """Where a key or string holds a lone surrogate (YAML's "\\udcff" escape): not a character, cannot be UTF-8."""
+    def bad(text) -> bool:
+        return isinstance(text, str) and not text.isascii() and not _encodes(text)
+
+    return [p[:-1] + ["(a key)"] if bad(p[-1]) else p for p in _find(value, [], lambda k, v: bad(k) or bad(v))]
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _derive(data: dict) -> dict:
@@ -525,6 +605,9 @@ def resolve(raw: Any, *, source: str = "<memory>", root: Path | None = None, ove
         kind = "empty" if raw is None else f"a {type(raw).__name__}"
         raise RecipeError(source, [f"{source}: the recipe is {kind}; it must be a YAML mapping with at least name, base, data and method"])
     data = apply_overrides(raw, list(overrides))
+    if broken := _not_text(data):  # before anything quotes these strings into messages, hashes or files
+        raise RecipeError(source, [where(p, "holds a lone surrogate escape (\\ud800-\\udfff), which is not a character; "
+                                            "write the character itself") for p in broken])
     refused = _find_trust_remote_code(data, [])
     problems = [where(p, "trust_remote_code is refused: hubforge never runs code shipped inside a model repo") for p in refused]
     for path in refused:  # reported once, not again as an unknown key

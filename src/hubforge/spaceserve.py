@@ -22,8 +22,9 @@ from hubforge.spacecard import app_settings
 
 
 def run_dir_env(run_dir: Path, backend: str | None = None) -> dict[str, str]:
-    """App environment for a run directory's own files (GGUF_PATH / MODEL_PATH): no Hub needed."""
-    run_dir = Path(run_dir)
+    """App environment for a run directory's own files (GGUF_PATH / MODEL_PATH): no Hub needed. The paths are
+    absolute: the app runs in its own folder, where a path relative to the caller's would point nowhere."""
+    run_dir = Path(os.path.abspath(run_dir))
     resolved = run_dir / "recipe.resolved.yaml"
     if not resolved.is_file():
         raise StageError(f"{run_dir} has no recipe.resolved.yaml; pass the folder a `hubforge run` created")

@@ -56,7 +56,7 @@ def run_summary(run_dir: Path, compare_hub: bool = False) -> str:
     stages = manifest.get("stages", {})
     out = [f"### `{run_dir}`", ""]
     out += _table(["stage", "status", "ended", "note"],
-                  [[name, s.get("status", "?"), s.get("ended_at") or "", (s.get("error") or (s.get("result") or {}).get("reason") or "")[:200]]
+                  [[name, s.get("status", "?"), s.get("ended_at") or "", (s.get("error") or s.get("outdated_by") or (s.get("result") or {}).get("reason") or "")[:200]]
                    for name, s in stages.items()])
     results_file = run_dir / "evaluate" / "results.json"
     if results_file.is_file():

@@ -9,7 +9,6 @@ tokenizer and the chat template exactly as the train stage's SFTTrainer will (se
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -18,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from hubforge import chat, formats, hubclient
+from hubforge.datarows import read_rows
 from hubforge.errors import StageError
 from hubforge.models import resolve_base
 from hubforge.rundir import sha256_file
@@ -25,6 +25,7 @@ from hubforge.rundir import sha256_file
 
 # The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
 SECTIONS = ('base', 'data', 'train')
+EXAMPLES = 5  # skipped records named on the console (and in the manifest); the rest are counted
 
 
 def run(recipe, run_dir) -> dict:
@@ -37,6 +38,7 @@ def run(recipe, run_dir) -> dict:
     skipped = Counter()
     if invalid := source.pop("invalid_records", 0):
         skipped["invalid_record"] = invalid  # a JSON line that does not parse, or a record that is not an object
+    examples = source.pop("invalid_examples", [])  # `file:line: what` of the first few
     mapping = formats.column_map(d.format, d.columns)
     if problem := formats.check_columns(d.format, mapping, present):
         raise StageError(problem)
@@ -47,6 +49,8 @@ def run(recipe, run_dir) -> dict:
     if eval_rows is None:  # no eval split in the dataset: hold out a seeded share of the training rows
         train_rows, eval_rows = holdout(train_rows, d.eval_fraction, recipe.train.seed)
     train_rows = subsample(train_rows, d.fraction, d.max_samples, recipe.train.seed)
+    if skipped:
+        print(f"[data] skipped {sum(skipped.values())} rows: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
     if not train_rows:
         raise StageError(f"no usable training rows in {describe(source)}: skipped {dict(skipped) or 'nothing'}. "
                          f"Check data.format ({d.format!r}) and data.columns against the data.")
@@ -67,6 +71,7 @@ def run(recipe, run_dir) -> dict:
     digest = hashlib.sha256((out / "train.jsonl").read_bytes() + b"\0" + (out / "eval.jsonl").read_bytes()).hexdigest()
     return {
         "rows_train": len(train_rows), "rows_eval": len(eval_rows), "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": examples,
         "truncated": counts["truncated"], "dropped_too_long": counts["dropped"], "fingerprint": digest,
         "source": source, "format": d.format, "chat_template": template.describe(),
         "tokens": {"train_total": sum(lengths), "train_max": max(lengths), "train_mean": round(sum(lengths) / len(lengths), 1)},
@@ -103,50 +108,22 @@ def load_hub(d):
 
 
 def load_files(recipe):
-    rows, invalid, present = [], 0, {}
+    rows, invalid, present = [], [], {}
     for rel in recipe.data.files:
-        file_rows, bad = read_file(recipe.local_path(rel))
+        file_rows, bad = read_rows(recipe.local_path(rel), rel)
         rows += file_rows
         invalid += bad
         present.update(dict.fromkeys(k for r in file_rows for k in r))
     source = {"files": [{"path": rel, "sha256": sha256_file(recipe.local_path(rel))} for rel in recipe.data.files],
-              "invalid_records": invalid}
+              "invalid_records": len(invalid), "invalid_examples": invalid[:EXAMPLES]}
+    for problem in invalid[:EXAMPLES]:
+        print(f"[data] skipped {problem}")
+    if len(invalid) > EXAMPLES:
+        print(f"[data] ... and {len(invalid) - EXAMPLES} more records that are not JSON objects")
     if recipe.data.eval_split:
         raise StageError("data.eval_split names a split of a Hub dataset; local files have one split — remove it "
                          "(data.eval_fraction holds out rows instead)")
     return rows, None, list(present), source
-
-
-def read_file(path: Path) -> tuple[list[dict], int]:
-    """Rows of one JSON/JSONL/CSV/Parquet file and the number of records that are not JSON objects."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist(), 0
-    if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")), 0
-    if suffix not in (".json", ".jsonl"):
-        raise StageError(f"data.files: {path.name}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
-    text = path.read_text("utf-8-sig")
-    records = None
-    if suffix == ".json":
-        try:
-            whole = json.loads(text)
-            records = whole if isinstance(whole, list) else next((v for v in whole.values() if isinstance(v, list)), [whole])
-        except json.JSONDecodeError:
-            pass  # JSON Lines saved as .json
-    if records is None:
-        records = []
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    records.append(None)
-    good = [r for r in records if isinstance(r, dict)]
-    return good, len(records) - len(good)
 
 
 def describe(source: dict) -> str:

@@ -108,10 +108,14 @@ def deploy(recipe: Recipe, run_dir: RunDir, *, api=None, timeout: float | None =
     from huggingface_hub import get_token
 
     space_id = recipe.space.id
-    variables = space_variables(recipe, run_dir.result("publish"))
-    folder = render(recipe, run_dir)
     token, how = (api.token or get_token(), "token") if api else hubclient.credential(space_id, "space", stage="space")
     api = api or hubclient.api(token)
+    published = run_dir.result("publish")
+    if published.get("endpoint") and published["endpoint"].rstrip("/") != api.endpoint.rstrip("/"):
+        raise StageError(f"the repos of this run were published to {published['endpoint']}, not to {api.endpoint}: "
+                         "publish them there first (hubforge run RECIPE --publish), then deploy the Space")
+    variables = space_variables(recipe, published)
+    folder = render(recipe, run_dir)
     if not token:
         raise StageError(f"no Hub token: set HF_TOKEN to a write token for {space_id.split('/')[0]} (or run `hf auth login`)")
     hubclient.with_retries(lambda: api.create_repo(space_id, repo_type="space", space_sdk="gradio",
