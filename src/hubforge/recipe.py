@@ -153,6 +153,12 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Compute:
+    processes: int
+    strategy: str
+
+
+@dataclass(frozen=True)
 class LmEval:
     tasks: tuple[str, ...]
     num_fewshot: int
@@ -235,6 +241,8 @@ class Recipe:
     card: Card
     publish: Publish
     space: Space
+    # Defaulted (and left out of to_dict when default) so recipes without it keep their sha256 and run directory.
+    compute: Compute = Compute(processes=1, strategy="ddp")
     # Not part of the schema: where the recipe came from, and the root that local paths are relative to.
     source: str = field(default="<memory>", compare=False)
     root: Path = field(default=Path("."), compare=False)
