@@ -142,6 +142,12 @@ def check_config(path: Path) -> dict:
     return vars(args)
 
 
+def accelerate_version() -> str:
+    from importlib.metadata import version
+
+    return version("accelerate")
+
+
 def die_with_parent() -> None:
     """Ask Linux to kill this process when its parent dies, so a `kill -9` of the run leaves no rank training on.
 

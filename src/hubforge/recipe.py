@@ -249,7 +249,8 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (what `recipe.resolved.yaml` holds and what is hashed)."""
-        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "root")})
+        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "root")
+                       and (f.default is dataclasses.MISSING or getattr(self, f.name) != f.default)})  # compute: when set
 
     @property
     def sha256(self) -> str:

@@ -64,24 +64,38 @@ def run(recipe, run_dir) -> dict:
                          f"({total_params / 1e6:.0f}M base parameters, method {m.name}, train.save_total_limit="
                          f"{t.save_total_limit}), {free / 2**30:.1f} GiB free. Free space or lower train.save_total_limit.")
 
-    compute.check_launchable(recipe)
+    if compute.launches(recipe):
+        config_path = write_accelerate_config(recipe, out)
+        compute.check_launchable(recipe)
 
     # ---- resume point: only checkpoints written for these same inputs count (chosen here, before any rank starts)
     key = hashlib.sha256((recipe.section_hash("base", "method", "train", "compute") + data["fingerprint"]).encode()).hexdigest()
     resume = resume_point(ckpt_dir, key)
     if compute.launches(recipe):
-        return launch(recipe, run_dir, out, resume)
+        return launch(recipe, run_dir, out, config_path, resume)
     return train_here(recipe, run_dir, base_dir, resume)
 
 
-def launch(recipe, run_dir, out: Path, resume: Path | None) -> dict:
-    """Train under `accelerate launch`, one process per rank, each running `main` below; returns rank 0's result."""
+def write_accelerate_config(recipe, out: Path) -> Path:
+    """train/accelerate.yaml for this machine (gloo on CPU when it has no CUDA), checked by accelerate's own parser."""
     import torch
     import yaml
 
+    path = out / "accelerate.yaml"
+    path.write_text(yaml.safe_dump(compute.accelerate_config(recipe, cpu=not torch.cuda.is_available()), sort_keys=False), "utf-8")
+    try:
+        compute.check_config(path)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise StageError(f"{path}: accelerate {compute.accelerate_version()} refuses the generated config for "
+                         f"compute.strategy {recipe.compute.strategy}: {exc}") from None
+    return path
+
+
+def launch(recipe, run_dir, out: Path, config_path: Path, resume: Path | None) -> dict:
+    """Train under `accelerate launch`, one process per rank, each running `main` below; returns rank 0's result."""
+    import torch
+
     cpu = not torch.cuda.is_available()
-    config_path = out / "accelerate.yaml"
-    config_path.write_text(yaml.safe_dump(compute.accelerate_config(recipe, cpu=cpu), sort_keys=False), "utf-8")
     (out / "result.json").unlink(missing_ok=True)
     argv = compute.launch_argv(config_path, "hubforge.stages.train", [
         str(run_dir.path), "--root", str(recipe.root), "--sha256", recipe.sha256, "--resume", str(resume or "")])
