@@ -78,9 +78,16 @@ def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype():
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed here")
 def test_deepspeed_is_refused_with_the_install_command():
     with pytest.raises(StageError, match="pip install deepspeed"):
-        compute.check_launchable(recipe(processes=2, strategy="deepspeed_zero3"))
-    compute.check_launchable(recipe(processes=1, strategy="deepspeed_zero3"))  # one process launches nothing
-    compute.check_launchable(recipe(processes=2, strategy="fsdp"))
+        compute.check_launchable(recipe(processes=2, strategy="deepspeed_zero3"), cuda=True)
+    compute.check_launchable(recipe(processes=1, strategy="deepspeed_zero3"), cuda=True)  # one process launches nothing
+    compute.check_launchable(recipe(processes=2, strategy="fsdp"), cuda=True)
+
+
+def test_sharding_strategies_are_refused_without_gpus():
+    """accelerate applies FSDP and DeepSpeed to GPU processes only; on CPU it would train plain DDP under their name."""
+    with pytest.raises(StageError, match="needs GPUs.*compute.strategy: ddp"):
+        compute.check_launchable(recipe(processes=2, strategy="fsdp"), cuda=False)
+    compute.check_launchable(recipe(processes=2, strategy="ddp"), cuda=False)
 
 
 def test_plan_estimates_memory_per_strategy_and_what_fits_each_gpu():

@@ -163,3 +163,17 @@ def test_kill_9_leaves_no_rank_running_and_the_rerun_resumes_across_ranks(runs):
     assert result["resumed_from"].startswith("train/checkpoints/checkpoint-") and result["steps"] == STEPS
     # nothing lost, nothing logged twice; the loss comparison with one process covers the resumed steps too
     assert [r["step"] for r in read_jsonl(two_dir / "train" / "log.jsonl")] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero3"])
+def test_the_stage_writes_the_config_then_refuses_what_cannot_run_here(make_recipe, tmp_path, strategy):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine could launch it")
+    recipe = make_recipe(compute={"processes": 2, "strategy": strategy})
+    with pytest.raises(pipeline.StageError, match="pip install deepspeed|needs GPUs"):
+        run_stages(recipe, tmp_path / "run")
+    config = (tmp_path / "run" / "train" / "accelerate.yaml").read_text("utf-8")
+    assert ("distributed_type: FSDP" if strategy == "fsdp" else "zero_stage: 3") in config
+    assert not (tmp_path / "run" / "train" / "log.jsonl").exists()  # refused before any model was loaded

@@ -12,6 +12,7 @@ Strategies: `ddp` replicates the model on every GPU; `fsdp` shards weights, grad
 QLoRA the 4-bit weights are stored in the compute dtype, `bnb_4bit_quant_storage`, so FSDP can flatten and shard
 them with the 16-bit ones); `deepspeed_zero2` shards gradients and optimizer state; `deepspeed_zero3` everything.
 DeepSpeed is not a dependency: its config is generated and checked, but launching needs `pip install deepspeed`.
+Both sharding strategies need GPUs: accelerate applies them to GPU processes only, so on CPU only `ddp` launches.
 """
 from __future__ import annotations
 
@@ -81,12 +82,18 @@ def accelerate_config(recipe, cpu: bool) -> dict:
     return config
 
 
-def check_launchable(recipe) -> None:
-    """Refuse before any model is loaded what cannot start here."""
-    if launches(recipe) and recipe.compute.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise StageError(f"compute.strategy {recipe.compute.strategy} needs DeepSpeed, which is not installed: "
+def check_launchable(recipe, cuda: bool) -> None:
+    """Refuse before any model is loaded what cannot start here, or would start as something else."""
+    strategy = recipe.compute.strategy
+    if not launches(recipe) or strategy == "ddp":
+        return
+    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise StageError(f"compute.strategy {strategy} needs DeepSpeed, which is not installed: "
                          "pip install deepspeed (on the GPU machine, matching its CUDA), or use compute.strategy: fsdp; "
                          "the accelerate config is written to train/accelerate.yaml either way")
+    if not cuda:  # accelerate (1.15, state.py) applies FSDP/DeepSpeed to GPU processes only; CPU ranks get plain DDP
+        raise StageError(f"compute.strategy {strategy} needs GPUs and this machine has none: accelerate would quietly "
+                         "train plain data-parallel CPU processes instead. Use compute.strategy: ddp here.")
 
 
 def launch_argv(config_path: Path, module: str, args: list[str]) -> list[str]:

@@ -65,8 +65,10 @@ def run(recipe, run_dir) -> dict:
                          f"{t.save_total_limit}), {free / 2**30:.1f} GiB free. Free space or lower train.save_total_limit.")
 
     if compute.launches(recipe):
+        import torch
+
         config_path = write_accelerate_config(recipe, out)
-        compute.check_launchable(recipe)
+        compute.check_launchable(recipe, cuda=torch.cuda.is_available())
 
     # ---- resume point: only checkpoints written for these same inputs count (chosen here, before any rank starts)
     key = hashlib.sha256((recipe.section_hash("base", "method", "train", "compute") + data["fingerprint"]).encode()).hexdigest()
@@ -98,7 +100,7 @@ def launch(recipe, run_dir, out: Path, config_path: Path, resume: Path | None) -
     cpu = not torch.cuda.is_available()
     (out / "result.json").unlink(missing_ok=True)
     argv = compute.launch_argv(config_path, "hubforge.stages.train", [
-        str(run_dir.path), "--root", str(recipe.root), "--sha256", recipe.sha256, "--resume", str(resume or "")])
+        str(run_dir.path), "--root", str(recipe.root), "--sha256", recipe.sha256, *(["--resume", str(resume)] if resume else [])])
     n, strategy = recipe.compute.processes, recipe.compute.strategy
     print(f"[train] {n} processes ({strategy}{', gloo on CPU' if cpu else ''}): {config_path}")
     code = subprocess.run(argv, env=compute.launch_env(cpu), preexec_fn=compute.die_with_parent).returncode
@@ -132,7 +134,7 @@ def train_here(recipe, run_dir, base_dir: Path, resume: Path | None) -> dict | N
     import torch
     from datasets import Dataset
 
-    out, m, t = run_dir.path / "train", recipe.method, recipe.train
+    out, m, t = run_dir.stage_dir("train"), recipe.method, recipe.train
     main_rank = compute.rank() == 0
     tokenizer, template = chat.load_tokenizer(base_dir, recipe.base.chat_template, need_template=recipe.data.format != "text")
     rows = {split: [chat.for_template({k: v for k, v in r.items() if k != "qa"}, template)
