@@ -3,6 +3,7 @@ accelerate's own launcher code and a broken one is not, QLoRA under FSDP stores 
 dtype, DeepSpeed is refused with the install command when missing, and `plan` estimates memory per strategy."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -73,6 +74,11 @@ def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype():
     assert compute.quant_storage(recipe(BIG_QLORA, processes=2, strategy="ddp")) is None
     assert compute.quant_storage(recipe(processes=2, strategy="fsdp")) is None  # not qlora
     assert any("bnb_4bit_quant_storage" in w for w in plan.build_plan(fsdp)["warnings"])
+    mismatched = load_recipe(BIG_QLORA, overrides=["compute.processes=2", "compute.strategy=fsdp", "base.dtype=float32"])
+    with pytest.raises(StageError, match="base.dtype must be bfloat16 too, not float32"):
+        compute.check_launchable(mismatched, cuda=True)
+    compute.check_launchable(dataclasses.replace(mismatched, base=dataclasses.replace(mismatched.base, dtype="bfloat16")),
+                             cuda=True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed here")

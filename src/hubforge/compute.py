@@ -91,6 +91,10 @@ def check_launchable(recipe, cuda: bool) -> None:
         raise StageError(f"compute.strategy {strategy} needs DeepSpeed, which is not installed: "
                          "pip install deepspeed (on the GPU machine, matching its CUDA), or use compute.strategy: fsdp; "
                          "the accelerate config is written to train/accelerate.yaml either way")
+    storage = quant_storage(recipe)
+    if storage and recipe.base.dtype != storage:
+        raise StageError(f"qlora under fsdp stores the 4-bit weights as method.quantization.compute_dtype ({storage}); "
+                         f"FSDP shards one dtype, so base.dtype must be {storage} too, not {recipe.base.dtype}")
     if not cuda:  # accelerate (1.15, state.py) applies FSDP/DeepSpeed to GPU processes only; CPU ranks get plain DDP
         raise StageError(f"compute.strategy {strategy} needs GPUs and this machine has none: accelerate would quietly "
                          "train plain data-parallel CPU processes instead. Use compute.strategy: ddp here.")

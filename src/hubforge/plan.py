@@ -196,7 +196,7 @@ def warnings(recipe: Recipe) -> list[str]:
         out.append("qlora needs bitsandbytes 4-bit kernels (CUDA runner recommended; CPU works but is slow)")
     if storage := compute.quant_storage(recipe):
         out.append(f"qlora under fsdp: the 4-bit weights are stored as {storage} (bnb_4bit_quant_storage = "
-                   "method.quantization.compute_dtype) so FSDP can shard them; base.dtype should match it")
+                   "method.quantization.compute_dtype) so FSDP can shard them; base.dtype must be the same (the train stage refuses otherwise)")
     if compute.launches(recipe) and recipe.compute.strategy.startswith("deepspeed"):
         out.append(f"compute.strategy {recipe.compute.strategy} needs DeepSpeed on the training machine (pip install deepspeed); "
                    "hubforge does not install it")

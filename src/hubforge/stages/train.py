@@ -293,7 +293,7 @@ def load_model(recipe, base_dir: Path):
         base_dir, dtype=getattr(torch, recipe.base.dtype), quantization_config=quant,
         device_map=compute.device_map(quant is not None, torch.cuda.is_available(), strategy),
     )
-    if quant is not None:
+    if quant is not None and strategy != "fsdp":  # FSDP flattens 4-bit and 16-bit weights together: one dtype, no fp32 norms
         from peft import prepare_model_for_kbit_training
 
         # fp32 norms/embeddings, input grads for checkpointing: the k-bit recipe of the QLoRA paper
