@@ -6,12 +6,13 @@ the same loss curve as one process with the same global batch, and resumes acros
 
 Tolerance of the loss comparison: both runs see the same rows in every optimizer step (checked exactly through the
 token counts, which the Trainer sums over ranks), and the Trainer divides each rank's summed loss by the tokens of
-the whole global batch, so one process and two compute the same quantity. What differs is the order of float32
-additions (two half batches whose gradients gloo sums, against one batch), which Adam carries forward. Measured
+the whole global batch (TrainingArguments.average_tokens_across_devices, on by default), so one process and two
+compute the same quantity. What differs is the order of float32 additions (two half batches whose gradients gloo
+sums, against one batch), which Adam carries forward. Measured
 here: 1.5e-7 relative at most over 12 steps, the resumed ones included. Asserted: 1e-4 relative, several hundred
-times that for other CPUs' kernels, and still a hundred times below what a rank training on other rows, a loss
-averaged per rank instead of over the global batch, or a step lost or repeated at the resume does (1e-2 and more). LoRA dropout
-is 0 (the default): each rank would draw its own dropout masks otherwise.
+times that for other CPUs' kernels, and still well below what other rows do to this model's loss (one batch to the
+next differs by 3e-3 relative and more), so a rank training on the wrong rows or a step lost or repeated at the
+resume fails it. LoRA dropout is 0 (the default): each rank would draw its own dropout masks otherwise.
 """
 from __future__ import annotations
 
