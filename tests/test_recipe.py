@@ -142,7 +142,8 @@ def test_dataclasses_mirror_the_schema():
     pairs = [(R.Base, props["base"]), (R.Data, props["data"]), (R.Train, props["train"]), (R.Eval, props["eval"]),
              (R.LmEval, props["eval"]["properties"]["lm_eval"]), (R.Export, props["export"]),
              (R.Gguf, props["export"]["properties"]["gguf"]), (R.Card, props["card"]), (R.Publish, props["publish"]),
-             (R.Space, props["space"]), (R.Method, props["method"])]
+             (R.Space, props["space"]), (R.Method, props["method"]),
+             (R.Compute, props["compute"])]
     for section in ("lora", "quantization", "prompt_tuning", "p_tuning", "full"):
         cls = {"lora": R.Lora, "quantization": R.Quantization, "prompt_tuning": R.PromptTuning, "p_tuning": R.PTuning, "full": R.Full}[section]
         pairs.append((cls, props["method"]["properties"][section]))

@@ -39,16 +39,19 @@ def lora_config(method):
                       task_type="CAUSAL_LM")
 
 
-def bnb_config(method):
-    """4-bit quantization for qlora (None for every other method)."""
+def bnb_config(method, quant_storage: str | None = None):
+    """4-bit quantization for qlora (None for every other method). `quant_storage` (a torch dtype name) is the
+    dtype the packed 4-bit weights are stored in: FSDP needs it equal to the compute dtype (hubforge.compute);
+    otherwise bitsandbytes' uint8. Only the storage changes, not the quantized values."""
     if method.name != "qlora":
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
     q = method.quantization
+    storage = {"bnb_4bit_quant_storage": getattr(torch, quant_storage)} if quant_storage else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype), **storage)
 
 
 def peft_config(recipe, base_dir: Path | None = None):

@@ -3,14 +3,16 @@
     hubforge plan recipes/gemma-3-270m/persian-chat-lora.yaml --format markdown
 
 The markdown form is the comment CI posts on a recipe pull request. Parameter counts come from the base's
-config (the local checkpoint when it is on disk, else `base.KNOWN_BASES`); memory is an estimate for one GPU
-(weights + trainable state + activations + logits) with the formula's parts shown, not a measurement.
+config (the local checkpoint when it is on disk, else `base.KNOWN_BASES`); memory is an estimate per GPU
+(weights + trainable state + activations + logits) with the formula's parts shown, not a measurement, for the
+recipe's own `compute` section and for each strategy of hubforge.compute, with the smallest set-up that fits
+each common GPU size.
 """
 from __future__ import annotations
 
 import json
 
-from hubforge import products
+from hubforge import compute, products
 from hubforge.base import KNOWN_BASES, embedded_dir
 from hubforge.datarows import read_rows
 from hubforge.pipeline import STAGES
@@ -68,8 +70,13 @@ def parameter_counts(recipe: Recipe, a: dict) -> dict:
     return {"total": int(total), "trainable": int(trainable), "trainable_pct": round(100 * trainable / total, 3)}
 
 
-def memory_estimate(recipe: Recipe, a: dict, params: dict) -> dict:
-    """GiB for one GPU; parts shown so a reviewer can check the arithmetic."""
+def memory_estimate(recipe: Recipe, a: dict, params: dict, strategy: str | None = None, processes: int | None = None) -> dict:
+    """GiB per GPU, for the recipe's compute section or the given strategy and process count; parts shown so a
+    reviewer can check the arithmetic. Sharding strategies divide weights and/or trainable state (gradients,
+    optimizer) by the processes (compute.SHARDING); activations and logits are per GPU's own micro-batch."""
+    n = processes or recipe.compute.processes
+    strategy = strategy or (recipe.compute.strategy if n > 1 else "single")
+    shard_weights, shard_state = compute.SHARDING[strategy]
     t, m = recipe.train, recipe.method
     act_bytes = DTYPE_BYTES[t.precision]
     embed = a["vocab"] * a["hidden"]
@@ -84,8 +91,27 @@ def memory_estimate(recipe: Recipe, a: dict, params: dict) -> dict:
     activations = a["layers"] * per_layer + (tokens * a["hidden"] * 34 * act_bytes / 2 if t.gradient_checkpointing else 0)
     logits = tokens * a["vocab"] * 4 * 2  # fp32 logits and their gradient
     gib = lambda b: round(b / 2**30, 2)  # noqa: E731
+    weights, trainable_state = weights / (n if shard_weights else 1), trainable_state / (n if shard_state else 1)
     parts = {"weights": gib(weights), "trainable_state": gib(trainable_state), "activations": gib(activations), "logits": gib(logits)}
-    return {"total_gib": round(sum(parts.values()) * 1.1, 2), "parts_gib": parts, "overhead": "x1.1 for allocator/workspace"}
+    return {"total_gib": round(sum(parts.values()) * 1.1, 2), "parts_gib": parts, "overhead": "x1.1 for allocator/workspace",
+            "strategy": strategy, "processes": n}
+
+
+GPU_SIZES_GIB = (24, 48, 80)
+
+
+def strategy_estimates(recipe: Recipe, a: dict, params: dict) -> dict:
+    """Per-GPU GiB of each strategy at the recipe's process count (2 when it asks for one), and for each common GPU
+    size the smallest set-up that fits: one GPU, else the fewest processes of a sharding strategy (fsdp first:
+    it needs nothing beyond accelerate)."""
+    n = max(recipe.compute.processes, 2)
+    per = {s: memory_estimate(recipe, a, params, s, n)["total_gib"] for s in compute.STRATEGIES}
+    fits = {}
+    for size in GPU_SIZES_GIB:
+        options = [("single", 1)] + [(s, k) for k in (2, 4, 8) for s in ("fsdp", "deepspeed_zero2", "deepspeed_zero3")]
+        found = next(((s, k, e) for s, k in options if (e := memory_estimate(recipe, a, params, s, k)["total_gib"]) <= size), None)
+        fits[f"{size}GiB"] = ({"strategy": found[0], "processes": found[1], "per_gpu_gib": found[2]} if found else None)
+    return {"processes": n, "per_gpu_gib": per, "fits": fits}
 
 
 def disk_estimate(recipe: Recipe, params: dict) -> dict:
@@ -153,6 +179,7 @@ def build_plan(recipe: Recipe) -> dict:
             "architecture_source": a["source"] if a else None,
             "parameters": params,
             "gpu_memory": memory_estimate(recipe, a, params) if a else None,
+            "strategies": strategy_estimates(recipe, a, params) if a else None,
             "disk": disk_estimate(recipe, params) if params else None,
             "train_tokens": token_estimate(recipe),
         },
@@ -168,6 +195,12 @@ def warnings(recipe: Recipe) -> list[str]:
             out.append(f"{what} is {rev or 'unset'!r}, not a 40-hex commit: the run is reproducible only while that branch does not move")
     if recipe.method.name == "qlora":
         out.append("qlora needs bitsandbytes 4-bit kernels (CUDA runner recommended; CPU works but is slow)")
+    if storage := compute.quant_storage(recipe):
+        out.append(f"qlora under fsdp: the 4-bit weights are stored as {storage} (bnb_4bit_quant_storage = "
+                   "method.quantization.compute_dtype) so FSDP can shard them; base.dtype must be the same (the train stage refuses otherwise)")
+    if compute.launches(recipe) and recipe.compute.strategy.startswith("deepspeed"):
+        out.append(f"compute.strategy {recipe.compute.strategy} needs DeepSpeed on the training machine (pip install deepspeed); "
+                   "hubforge does not install it")
     return out
 
 
@@ -202,7 +235,9 @@ def render(plan: dict, fmt: str) -> str:
         ("GGUF files", ", ".join(plan["gguf_files"]) or "—"),
         ("Space", plan["space"] or "—"),
         ("Parameters", f"{p['total']:,} total, {p['trainable']:,} trainable ({p['trainable_pct']} %)" if p else "unknown base architecture"),
-        ("GPU memory (est.)", f"≈ {mem['total_gib']} GiB = " + " + ".join(f"{k} {v}" for k, v in mem["parts_gib"].items()) + " GiB, ×1.1" if mem else "—"),
+        ("GPU memory (est.)", f"≈ {mem['total_gib']} GiB = " + " + ".join(f"{k} {v}" for k, v in mem["parts_gib"].items()) + " GiB, ×1.1"
+         + (f" per GPU ({mem['processes']} processes, {mem['strategy']})" if mem["processes"] > 1 else "") if mem else "—"),
+        *([("Per GPU by strategy", _strategies(est["strategies"])), ("Fits on", _fits(est["strategies"]))] if est.get("strategies") else []),
         ("Disk (est.)", f"≈ {disk['total_mb']:,} MB (adapter {disk['adapter_mb']}, checkpoints {disk['checkpoints_mb']}, merged {disk['merged_mb']}, GGUF {sum(disk['gguf_mb'].values()):.1f})" if disk else "—"),
         ("Train tokens", f"≈ {tok['tokens']:,} over {tok['rows']} rows ({tok['how']})" if tok.get("tokens") else tok["how"]),
     ]
@@ -216,6 +251,20 @@ def render(plan: dict, fmt: str) -> str:
         return "\n".join(lines) + "\n"
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v.replace('~~', '')}" for k, v in rows) + "\n"
+
+
+def _strategies(s: dict) -> str:
+    return f"with {s['processes']} processes: " + ", ".join(f"{k} {v} GiB" for k, v in s["per_gpu_gib"].items())
+
+
+def _fits(s: dict) -> str:
+    def one(fit):
+        if fit is None:
+            return "no (activations + logits alone exceed it: lower train.batch_size or max_length)"
+        if fit["processes"] == 1:
+            return f"1 GPU (≈ {fit['per_gpu_gib']} GiB)"
+        return f"{fit['strategy']} × {fit['processes']} (≈ {fit['per_gpu_gib']} GiB each)"
+    return "; ".join(f"{size.replace('GiB', ' GiB')}: {one(fit)}" for size, fit in s["fits"].items())
 
 
 def plan_text(recipe: Recipe, fmt: str = "text") -> str:

@@ -12,27 +12,37 @@ Memory: SFTTrainer (TRL 1.16) computes the loss through a fused, chunked LM head
 (batch, seq, vocab) logits; with Gemma's 262k vocabulary those would be the largest tensor. Here it projects only
 the positions that carry loss, on CPU as on CUDA (`score_only_loss_positions`). Padding-free batches (or packing)
 keep padding out of the FLOPs and the memory. benchmarks/train_throughput.py measures each of these choices.
+
+More than one process (recipe `compute.processes`): this stage writes `train/accelerate.yaml` (hubforge.compute)
+and runs `accelerate launch -m hubforge.stages.train RUN_DIR ...`, this module's `main`, once per rank. The
+pipeline's process has already chosen the resume point; rank 0 alone writes checkpoints (the Trainer's), the log,
+the adapter and `train/result.json`, which this stage returns; the other ranks only train. Every rank dies with
+its launcher, and the launcher with this process, so a `kill -9` of the run leaves nothing training on.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import json
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from hubforge import chat
+from hubforge import chat, compute
 from hubforge.errors import StageError
 from hubforge.models import bnb_config, check_bitsandbytes, copy_tokenizer_model, count_params, peft_config, resolve_base
 from hubforge.scoring import read_jsonl
 
 
 # The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
-SECTIONS = ('base', 'data', 'method', 'train')
+SECTIONS = ('base', 'data', 'method', 'train', 'compute')
 
 
 def run(recipe, run_dir) -> dict:
@@ -54,18 +64,83 @@ def run(recipe, run_dir) -> dict:
                          f"({total_params / 1e6:.0f}M base parameters, method {m.name}, train.save_total_limit="
                          f"{t.save_total_limit}), {free / 2**30:.1f} GiB free. Free space or lower train.save_total_limit.")
 
-    # ---- tokenizer + data, exactly as the data stage counted them
+    if compute.launches(recipe):
+        import torch
+
+        config_path = write_accelerate_config(recipe, out)
+        compute.check_launchable(recipe, cuda=torch.cuda.is_available())
+
+    # ---- resume point: only checkpoints written for these same inputs count (chosen here, before any rank starts)
+    key = hashlib.sha256((recipe.section_hash("base", "method", "train", "compute") + data["fingerprint"]).encode()).hexdigest()
+    resume = resume_point(ckpt_dir, key)
+    if compute.launches(recipe):
+        return launch(recipe, run_dir, out, config_path, resume)
+    return train_here(recipe, run_dir, base_dir, resume)
+
+
+def write_accelerate_config(recipe, out: Path) -> Path:
+    """train/accelerate.yaml for this machine (gloo on CPU when it has no CUDA), checked by accelerate's own parser."""
+    import torch
+    import yaml
+
+    path = out / "accelerate.yaml"
+    path.write_text(yaml.safe_dump(compute.accelerate_config(recipe, cpu=not torch.cuda.is_available()), sort_keys=False), "utf-8")
+    try:
+        compute.check_config(path)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise StageError(f"{path}: accelerate {compute.accelerate_version()} refuses the generated config for "
+                         f"compute.strategy {recipe.compute.strategy}: {exc}") from None
+    return path
+
+
+def launch(recipe, run_dir, out: Path, config_path: Path, resume: Path | None) -> dict:
+    """Train under `accelerate launch`, one process per rank, each running `main` below; returns rank 0's result."""
+    import torch
+
+    cpu = not torch.cuda.is_available()
+    (out / "result.json").unlink(missing_ok=True)
+    argv = compute.launch_argv(config_path, "hubforge.stages.train", [
+        str(run_dir.path), "--root", str(recipe.root), "--sha256", recipe.sha256, *(["--resume", str(resume)] if resume else [])])
+    n, strategy = recipe.compute.processes, recipe.compute.strategy
+    print(f"[train] {n} processes ({strategy}{', gloo on CPU' if cpu else ''}): {config_path}")
+    code = subprocess.run(argv, env=compute.launch_env(cpu), preexec_fn=compute.die_with_parent).returncode
+    if code != 0 or not (out / "result.json").is_file():
+        raise StageError(f"accelerate launch of {n} training processes ({strategy}) exited with {code}; the ranks' "
+                         "errors are printed above. Running the same command again resumes from the last checkpoint.")
+    return json.loads((out / "result.json").read_text("utf-8"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One rank of a launched run: `python -m hubforge.stages.train RUN_DIR --root R --sha256 S --resume CKPT`."""
+    from hubforge.recipe import read_resolved
+    from hubforge.rundir import RunDir
+
+    compute.die_with_parent()
+    parser = argparse.ArgumentParser(prog="hubforge.stages.train")
+    for name in ("run_dir", "--root", "--sha256", "--resume"):
+        parser.add_argument(name)
+    args = parser.parse_args(argv)
+    run_dir = RunDir.open(Path(args.run_dir))
+    recipe = dataclasses.replace(read_resolved(run_dir.path / "recipe.resolved.yaml"), root=Path(args.root))
+    if recipe.sha256 != args.sha256:
+        raise SystemExit(f"{run_dir.path}/recipe.resolved.yaml is not the recipe this run was launched for")
+    result = train_here(recipe, run_dir, resolve_base(recipe), Path(args.resume) if args.resume else None)
+    if result is not None:  # rank 0
+        (run_dir.path / "train" / "result.json").write_text(json.dumps(result), "utf-8")
+
+
+def train_here(recipe, run_dir, base_dir: Path, resume: Path | None) -> dict | None:
+    """Train in this process (the only one, or one rank of several); the result on rank 0, None on the others."""
     import torch
     from datasets import Dataset
 
+    out, m, t = run_dir.stage_dir("train"), recipe.method, recipe.train
+    main_rank = compute.rank() == 0
     tokenizer, template = chat.load_tokenizer(base_dir, recipe.base.chat_template, need_template=recipe.data.format != "text")
     rows = {split: [chat.for_template({k: v for k, v in r.items() if k != "qa"}, template)
                     for r in read_jsonl(run_dir.path / "data" / f"{split}.jsonl")] for split in ("train", "eval")}
 
-    # ---- resume point: only checkpoints written for these same inputs count
-    key = hashlib.sha256((recipe.section_hash("base", "method", "train") + data["fingerprint"]).encode()).hexdigest()
-    resume = resume_point(ckpt_dir, key)
-    log = JsonlLog(out / "log.jsonl", upto_step=step_of(resume))
+    log = JsonlLog(out / "log.jsonl", upto_step=step_of(resume)) if main_rank else None  # rank 0 writes the log
 
     # ---- model, adapter, trainer
     model = load_model(recipe, base_dir)
@@ -75,17 +150,18 @@ def run(recipe, run_dir) -> dict:
 
     score_only_loss_positions()
     cuda = torch.cuda.is_available()
-    args = sft_config(recipe, ckpt_dir, cuda=cuda, bf16_ok=torch.cuda.is_bf16_supported() if cuda else True)
+    args = sft_config(recipe, out / "checkpoints", cuda=cuda, bf16_ok=torch.cuda.is_bf16_supported() if cuda else True)
     trainer = SFTTrainer(
-        model=model, args=args, processing_class=tokenizer, callbacks=[log],
+        model=model, args=args, processing_class=tokenizer, callbacks=[log] if log is not None else [],
         train_dataset=Dataset.from_list(rows["train"]),
         eval_dataset=Dataset.from_list(rows["eval"]) if t.eval_steps and rows["eval"] else None,
         peft_config=peft_config(recipe, base_dir),
     )
     checks = check_prepared(trainer.train_dataset, tokenizer.bos_token_id, args.assistant_only_loss)
     trainable, total = trainable_params(trainer.model)
-    print(f"[train] {m.name}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
-          + (f"; resuming from {resume.name}" if resume else ""))
+    if main_rank:
+        print(f"[train] {m.name}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
+              + (f"; resuming from {resume.name}" if resume else ""))
 
     # ---- train (the progress bar is the Trainer's own)
     started = time.time()
@@ -94,8 +170,12 @@ def run(recipe, run_dir) -> dict:
 
     # ---- save what the next stages read
     result_dir = out / ("adapter" if m.is_adapter else "model")
+    # FSDP: every rank hands in its shard of the weights; the other strategies hold them whole on each rank
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if not main_rank:
+        return None
     shutil.rmtree(result_dir, ignore_errors=True)
-    trainer.model.save_pretrained(result_dir, safe_serialization=True)
+    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(result_dir, state_dict=state_dict, safe_serialization=True)
     for folder in ([out / "tokenizer"] + ([result_dir] if not m.is_adapter else [])):
         tokenizer.save_pretrained(folder)
         copy_tokenizer_model(base_dir, folder)
@@ -115,6 +195,8 @@ def run(recipe, run_dir) -> dict:
         "packing": args.packing, "padding_free": args.padding_free, "assistant_only_loss": args.assistant_only_loss,
         "resumed_from": rel(resume, run_dir) if resume else None, "checks": checks,
         "chat_template": template.describe(), "loss_head": "TRL fused chunked LM head, loss positions only (no full logits)",
+        "compute": {"processes": recipe.compute.processes,
+                    "strategy": recipe.compute.strategy if compute.launches(recipe) else "single process"},
     }
 
 
@@ -205,13 +287,13 @@ def load_model(recipe, base_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    quant = bnb_config(recipe.method)
-    on_gpu = torch.cuda.is_available()
+    quant = bnb_config(recipe.method, quant_storage=compute.quant_storage(recipe))
+    strategy = recipe.compute.strategy if compute.launches(recipe) else None
     model = AutoModelForCausalLM.from_pretrained(
         base_dir, dtype=getattr(torch, recipe.base.dtype), quantization_config=quant,
-        device_map={"": torch.cuda.current_device()} if quant is not None and on_gpu else None,
+        device_map=compute.device_map(quant is not None, torch.cuda.is_available(), strategy),
     )
-    if quant is not None:
+    if quant is not None and strategy != "fsdp":  # FSDP flattens 4-bit and 16-bit weights together: one dtype, no fp32 norms
         from peft import prepare_model_for_kbit_training
 
         # fp32 norms/embeddings, input grads for checkpointing: the k-bit recipe of the QLoRA paper
@@ -301,3 +383,7 @@ def hardware(cuda: bool) -> dict:
 def rel(path: Path, run_dir) -> str:
     return str(Path(path).relative_to(run_dir.path))
 
+
+
+if __name__ == "__main__":
+    main()
