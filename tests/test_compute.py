@@ -31,10 +31,11 @@ def saved(tmp_path: Path, config: dict) -> Path:
     return path
 
 
-def test_one_process_is_the_default_and_leaves_the_recipe_hash_alone():
+def test_one_process_is_the_default_and_is_written_out():
     r = recipe()
     assert (r.compute.processes, r.compute.strategy) == (1, "ddp") and not compute.launches(r)
-    assert "compute" not in r.to_dict()  # recipes without the section keep their sha256 and run directory
+    # like every other default, written out in the resolved recipe (and so part of its hash)
+    assert r.to_dict()["compute"] == {"processes": 1, "strategy": "ddp"}
     assert recipe(processes=2).to_dict()["compute"] == {"processes": 2, "strategy": "ddp"}
     with pytest.raises(RecipeError, match=r"compute\.strategy: 'zero9' is not one of ddp, fsdp"):
         recipe(processes=2, strategy="zero9")

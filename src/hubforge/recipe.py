@@ -242,16 +242,14 @@ class Recipe:
     card: Card
     publish: Publish
     space: Space
-    # Defaulted (and left out of to_dict when default) so recipes without it keep their sha256 and run directory.
-    compute: Compute = Compute(processes=1, strategy="ddp")
+    compute: Compute
     # Not part of the schema: where the recipe came from, and the root that local paths are relative to.
     source: str = field(default="<memory>", compare=False)
     root: Path = field(default=Path("."), compare=False)
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (what `recipe.resolved.yaml` holds and what is hashed)."""
-        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "root")
-                       and (f.default is dataclasses.MISSING or getattr(self, f.name) != f.default)})  # compute: when set
+        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "root")})
 
     @property
     def sha256(self) -> str:
