@@ -50,11 +50,11 @@ MIN_TOP1_RECOMMENDED = 0.5
 MAX_MEAN_KL = 1e-3
 # A greedy step is a near-tie when the reference's top-1 log-probability exceeds its runner-up by at most this much;
 # float rounding may then pick either token, so a faithful file can part from the reference there. Measured rounding
-# noise |margin_HF - margin_llama.cpp| of the HF top-2 pair, Gemma 3 270M (float32 weights) vs its llama.cpp F16 file,
-# 454 positions of 8 prompts with 48 greedy tokens each: median 0.002, p99 0.012, max 0.013; every run records it
-# again as the F16 row's `margin_noise_max` in quality.json. A file that computes another function moves margins far
-# more (see tests/test_gguf.py: the mis-converted tiny Gemma 3).
-TIE_MARGIN = 0.05
+# noise |margin_HF - margin_llama.cpp| of the HF top-2 pair against the F16 file: Gemma 3 270M with float32 weights,
+# 454 steps (8 prompts x 48 greedy tokens): median 0.002, p99 0.012, max 0.013; a LoRA merged into it in bf16
+# (tests/test_gguf_embedded.py, 3 prompts x 16 tokens): max 0.025. Every run records it again as `margin_noise_max`.
+# 0.1 is 4x the largest seen; a file that computes another function moves margins far more and fails the KL gate too.
+TIE_MARGIN = 0.1
 
 
 # The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
