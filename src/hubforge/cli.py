@@ -83,11 +83,13 @@ def plan(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
          fmt: str = typer.Option("text", "--format", help="text | markdown | json"),
          overrides: Optional[List[str]] = SET) -> None:
     """What a run would do: stages, repos, GGUF files, parameter/memory/disk/token estimates. Offline."""
-    from hubforge.plan import plan_text
+    from hubforge.plan import build_plan, render
 
     if fmt not in ("text", "markdown", "json"):
         _fail(f"--format must be text, markdown or json, not {fmt!r}")
-    typer.echo(plan_text(_load(recipe_path, overrides), fmt), nl=False)
+    result = build_plan(_load(recipe_path, overrides))
+    typer.echo(render(result, fmt), nl=False)
+    raise typer.Exit(1 if result["problems"] else 0)
 
 
 @app.command()

@@ -59,6 +59,8 @@ def run(recipe, run_dir) -> dict:
     from datasets import Dataset
 
     tokenizer, template = chat.load_tokenizer(base_dir, recipe.base.chat_template, need_template=recipe.data.format != "text")
+    if t.assistant_only_loss and (problem := chat.check_trainable(recipe.base.chat_template, template.text, template.family)):
+        raise StageError(problem)
     rows = {split: [chat.for_template({k: v for k, v in r.items() if k != "qa"}, template)
                     for r in read_jsonl(run_dir.path / "data" / f"{split}.jsonl")] for split in ("train", "eval")}
 
@@ -76,12 +78,15 @@ def run(recipe, run_dir) -> dict:
     score_only_loss_positions()
     cuda = torch.cuda.is_available()
     args = sft_config(recipe, ckpt_dir, cuda=cuda, bf16_ok=torch.cuda.is_bf16_supported() if cuda else True)
+    if args.assistant_only_loss and (variant := chat.training_template(template.text)):
+        tokenizer.chat_template = variant  # one TRL cannot patch (e.g. llama3_1): hubforge's marked variant
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer, callbacks=[log],
         train_dataset=Dataset.from_list(rows["train"]),
         eval_dataset=Dataset.from_list(rows["eval"]) if t.eval_steps and rows["eval"] else None,
         peft_config=peft_config(recipe, base_dir),
     )
+    tokenizer.chat_template = template.text  # rows are tokenized; the saved tokenizer keeps the plain template
     checks = check_prepared(trainer.train_dataset, tokenizer.bos_token_id, args.assistant_only_loss)
     trainable, total = trainable_params(trainer.model)
     print(f"[train] {m.name}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
