@@ -113,6 +113,9 @@ def preflight(recipe: Recipe, selected: list[Stage]) -> None:
     if any(s.name == "train" for s in selected) and (problem := chat.recipe_template_problem(recipe)):
         raise StageError(f"{recipe.source}: {problem}")
     if any(s.publishes for s in selected):
+        if recipe.standin:
+            raise StageError(f"{recipe.source}: a stand-in run (standin: in the resolved recipe: embedded base, sample "
+                             "data) is never published; run the recipe without --standin to publish")
         hubclient.preflight(recipe)
 
 
