@@ -244,7 +244,8 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (what `recipe.resolved.yaml` holds and what is hashed)."""
-        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "root")})
+        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "root")
+                       and not (f.name == "standin" and self.standin is None)})  # absent unless a stand-in run
 
     @property
     def sha256(self) -> str:
