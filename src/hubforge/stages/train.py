@@ -156,6 +156,7 @@ def sft_config(recipe, output_dir: Path, cuda: bool = False, bf16_ok: bool = Tru
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
         logging_strategy="steps", logging_steps=t.logging_steps, report_to="none", disable_tqdm=False,
         include_num_input_tokens_seen="non_padding", dataloader_pin_memory=cuda,
+        use_cpu=not cuda,  # else a bf16 recipe on CPU stops in TrainingArguments ("doesn't support bf16/gpu")
         **precision_flags(t.precision, cuda, bf16_ok),
     )
 
