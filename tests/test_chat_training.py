@@ -63,6 +63,9 @@ def test_training_variant_renders_the_same_text_and_marks_assistant_turns_with_t
                                         return_assistant_tokens_mask=True)
     marked = tokenizer.decode([i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m])
     assert marked == "Tehran.<|eot_id|>Ankara.<|eot_id|>"
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+    assert is_chat_template_stop_token_trained(tokenizer, chat_template=variant)  # TRL's own check: it learns to stop
     # a tool call is an assistant turn too: the call and its end token carry loss, the tool's answer does not
     calls = [{"role": "user", "content": "2*3?"},
              {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "mul", "arguments": {"a": 2}}}]},
@@ -136,3 +139,12 @@ print("TRAINED")
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"PLAIN REFUSED: The chat template is not training-compatible", out.stdout)
     assert "LOSS ON: Tehran.<|eot_id|>Ankara.<|eot_id|>" in out.stdout and "TRAINED" in out.stdout
+
+
+@pytest.mark.unit
+def test_marker_test_agrees_with_trls_own():
+    from trl.chat_template_utils import has_generation_markers
+
+    for text in ["{% generation %}x{% endgeneration %}", "{%- generation -%}", "{%-generation%}", "{{ generation }}",
+                 chat.trl_template("llama3_1"), chat.training_template(chat.trl_template("llama3_1"))]:
+        assert chat.has_generation_markers(text) == has_generation_markers(text), text

@@ -14,6 +14,7 @@ alone (no model), whether training with assistant-only loss will accept a templa
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,22 +42,29 @@ class ChatTemplate:
                 "system_prompt_folded_by": None if self.system_fold == "none" else self.system_fold}
 
 
-def trl_template(family: str) -> str:
-    import trl
+def trl_templates_dir() -> Path:
+    """TRL's chat_templates folder, found without importing TRL (seconds; `plan` must stay quick)."""
+    import importlib.util
 
-    return (Path(trl.__file__).parent / "chat_templates" / TRL_TEMPLATES[family]).read_text("utf-8")
+    return Path(importlib.util.find_spec("trl").origin).parent / "chat_templates"
+
+
+def has_generation_markers(template: str) -> bool:
+    """TRL 1.16's own test (trl.chat_template_utils.has_generation_markers), whitespace-trim variants included."""
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def trl_template(family: str) -> str:
+    return (trl_templates_dir() / TRL_TEMPLATES[family]).read_text("utf-8")
 
 
 def training_support(text: str) -> str:
     """How assistant-only training gets a `{% generation %}`-marked variant of `text`: "markers" (it has them),
     "trl:<file>" (TRL patches it itself: TRL pairs its `<name>.jinja` with `<name>_training.jinja` by exact text),
     "hubforge:<file>" (we ship the variant). Raises ValueError when there is none, as TRL's trainer would."""
-    import trl
-    from trl.chat_template_utils import has_generation_markers
-
     if has_generation_markers(text):
         return "markers"
-    trl_dir = Path(trl.__file__).parent / "chat_templates"
+    trl_dir = trl_templates_dir()
     for plain in sorted(trl_dir.glob("*.jinja")):
         source = plain.read_text("utf-8")
         if source == text and (trl_dir / f"{plain.stem}_training.jinja").is_file():

@@ -230,12 +230,7 @@ def space_deploy(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
     from hubforge import pipeline
     from hubforge.rundir import RunDir
 
-    if standin and (publish or remote is not None):
-        _fail("error: --standin runs on the embedded base and a sample of the data, so it is never published or sent "
-              f"to {'--remote' if remote is not None else '--publish'}; drop one of the two options")
-    if unset and remote is not None:
-        _fail("error: --unset is not passed to --remote runs yet; edit the recipe instead")
-    recipe = _load(recipe_path, overrides, unset, standin)
+    recipe = _load(recipe_path, overrides)
     folder = run_dir or pipeline.default_run_dir(recipe)
     try:
         pipeline.run(recipe, RunDir.open(folder), ["space"], force=True, echo=typer.echo, publish=True,

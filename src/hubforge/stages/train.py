@@ -119,7 +119,8 @@ def run(recipe, run_dir) -> dict:
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "packing": args.packing, "padding_free": args.padding_free, "assistant_only_loss": args.assistant_only_loss,
         "resumed_from": rel(resume, run_dir) if resume else None, "checks": checks,
-        "chat_template": template.describe(), "loss_head": "TRL fused chunked LM head, loss positions only (no full logits)",
+        "chat_template": {**template.describe(), "training_variant": chat.training_support(template.text)
+                          if args.assistant_only_loss and template.text else None}, "loss_head": "TRL fused chunked LM head, loss positions only (no full logits)",
     }
 
 
