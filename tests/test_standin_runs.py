@@ -63,7 +63,7 @@ def test_every_stage_ran_and_the_run_is_marked_a_standin(standin_run):
         assert train["chat_template"]["training_variant"] == "hubforge:llama3_1_training.jinja"
     if "gguf" not in expected_na:
         files = manifest["stages"]["gguf"]["result"]["files"]
-        assert [f["type"] for f in files] == ["F16", "Q8_0"] and all((run_dir / f["path"]).is_file() for f in files)
+        assert [f["type"] for f in files] == ["F16", "Q8_0"] and all((run_dir / f["file"]).is_file() for f in files)
 
 
 def test_cards_validate_and_show_the_eval_the_recipe_names(standin_run):
