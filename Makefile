@@ -19,7 +19,7 @@ LLAMA_WHEELS ?= $(HOME)/.cache/hubforge/wheels/llama-cpp-python-$(LLAMA_CPP_PYTH
 RECIPE ?= recipes/gemma-3-270m/persian-chat-lora.yaml
 TIERS ?= unit or integration or hub or slow or browser or workflows
 
-.PHONY: install llama-cpp-scripts browser-deps lint-deps demo test test-unit benchmarks clean
+.PHONY: install llama-cpp-scripts browser-deps lint-deps demo test test-unit standins benchmarks clean
 
 install: $(VENV)/.installed llama-cpp-scripts
 
@@ -63,6 +63,12 @@ test: install browser-deps lint-deps
 
 test-unit: $(VENV)/.installed
 	$(BIN)/python -m pytest -m unit -q
+
+# Every shipped recipe under --standin (embedded base, shipped sample data, 2 steps; README "Stand-in runs"), data → card.
+standins: install
+	set -e; for r in $$(find recipes -name '*.yaml' | sort); do \
+	    echo "== $$r"; $(BIN)/hubforge run "$$r" --standin --quiet --run-dir "runs/standin/$$(basename $$(dirname $$r))-$$(basename $$r .yaml)"; \
+	done
 
 benchmarks: install
 	$(BIN)/python benchmarks/train_throughput.py

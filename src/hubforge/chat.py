@@ -3,7 +3,10 @@
 The template is the base tokenizer's own; when it has none, the family's standard one that TRL ships
 (`trl/chat_templates/<family>.jinja`), or the family the recipe names in `base.chat_template`. TRL later swaps in
 the template's training variant (with `{% generation %}` markers) for assistant-only loss, and the tokenizer saved
-next to the adapter keeps the plain one, which is what llama.cpp and the Space render at inference.
+next to the adapter keeps the plain one, which is what llama.cpp and the Space render at inference. TRL cannot patch
+every template it ships (TRL 1.16: not `llama3_1`); for those hubforge ships the training variant in
+`hubforge/chat_templates/` and `training_template` hands it over. `check_trainable` says, from the template text
+alone (no model), whether training with assistant-only loss will accept a template.
 
     from hubforge.chat import load_tokenizer
     tokenizer, template = load_tokenizer(base_dir, "auto")
@@ -11,6 +14,7 @@ next to the adapter keeps the plain one, which is what llama.cpp and the Space r
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ MODEL_TYPE_FAMILY = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma3", "g
 # Families whose models were never trained with a system role: the system prompt goes into the first user turn.
 NO_SYSTEM_ROLE = {"gemma", "gemma3"}
 _PROBE_SYSTEM, _PROBE_USER = "HUBFORGE-SYSTEM-PROBE", "HUBFORGE-USER-PROBE"
+OWN_TEMPLATES = Path(__file__).parent / "chat_templates"  # training variants TRL does not ship: <file stem>_training.jinja
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,82 @@ class ChatTemplate:
                 "system_prompt_folded_by": None if self.system_fold == "none" else self.system_fold}
 
 
-def trl_template(family: str) -> str:
-    import trl
+def trl_templates_dir() -> Path:
+    """TRL's chat_templates folder, found without importing TRL (seconds; `plan` must stay quick)."""
+    import importlib.util
 
-    return (Path(trl.__file__).parent / "chat_templates" / TRL_TEMPLATES[family]).read_text("utf-8")
+    return Path(importlib.util.find_spec("trl").origin).parent / "chat_templates"
+
+
+def has_generation_markers(template: str) -> bool:
+    """TRL 1.16's own test (trl.chat_template_utils.has_generation_markers), whitespace-trim variants included."""
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def trl_template(family: str) -> str:
+    return (trl_templates_dir() / TRL_TEMPLATES[family]).read_text("utf-8")
+
+
+def training_support(text: str) -> str:
+    """How assistant-only training gets a `{% generation %}`-marked variant of `text`: "markers" (it has them),
+    "trl:<file>" (TRL patches it itself: TRL pairs its `<name>.jinja` with `<name>_training.jinja` by exact text),
+    "hubforge:<file>" (we ship the variant). Raises ValueError when there is none, as TRL's trainer would."""
+    if has_generation_markers(text):
+        return "markers"
+    trl_dir = trl_templates_dir()
+    for plain in sorted(trl_dir.glob("*.jinja")):
+        source = plain.read_text("utf-8")
+        if source == text and (trl_dir / f"{plain.stem}_training.jinja").is_file():
+            return f"trl:{plain.stem}_training.jinja"
+        # ours also match a copy that differs in surrounding whitespace (a tokenizer_config.json round trip)
+        if source.strip() == text.strip() and (OWN_TEMPLATES / f"{plain.stem}_training.jinja").is_file():
+            return f"hubforge:{plain.stem}_training.jinja"
+    raise ValueError("the chat template has no `{% generation %}` markers and neither TRL nor hubforge has a training "
+                     "variant of it, so assistant-only loss cannot mask it")
+
+
+def training_template(text: str) -> str | None:
+    """The template to put on the tokenizer while training with assistant-only loss; None: TRL handles `text`."""
+    support = training_support(text)
+    return (OWN_TEMPLATES / support.split(":", 1)[1]).read_text("utf-8") if support.startswith("hubforge:") else None
+
+
+def check_trainable(choice: str, text: str | None, family: str | None = None) -> str | None:
+    """None when training with assistant-only loss accepts the template; else a message naming the recipe fields."""
+    if text is None:
+        return None
+    try:
+        training_support(text)
+    except ValueError as exc:
+        which = f"base.chat_template {choice!r}" + (f" (family {family})" if family else "")
+        return (f"{which}: {exc}. Set base.chat_template to one of {', '.join(TRL_TEMPLATES)}, or "
+                "train.assistant_only_loss: false to train on every token")
+    return None
+
+
+def recipe_template_problem(recipe) -> str | None:
+    """`check_trainable` for a recipe before anything is downloaded or loaded (plan, pipeline preflight): the named
+    template, or with `auto` a local base's own template (its tokenizer files) else its family's standard one.
+    None also when that cannot be known yet (`auto` on a Hub base not on disk): the train stage checks it then."""
+    if not recipe.train.assistant_only_loss or recipe.data.format == "text":
+        return None
+    choice, model = recipe.base.chat_template, recipe.base.model
+    if choice != "auto":
+        return check_trainable(choice, trl_template(choice), choice)
+    if model.startswith("embedded:"):  # the packaged GGUF has no template: its family's standard one is used
+        from hubforge.base import KNOWN_BASES
+
+        family = (KNOWN_BASES.get(model) or {}).get("family")
+        return check_trainable(choice, trl_template(family), family) if family in TRL_TEMPLATES else None
+    if not model.startswith((".", "/")) or not (recipe.local_path(model) / "config.json").is_file():
+        return None
+    folder = recipe.local_path(model)
+    own = (folder / "chat_template.jinja").read_text("utf-8") if (folder / "chat_template.jinja").is_file() else None
+    if own is None and (folder / "tokenizer_config.json").is_file():
+        own = json.loads((folder / "tokenizer_config.json").read_text("utf-8")).get("chat_template")
+    model_type = json.loads((folder / "config.json").read_text("utf-8")).get("model_type")
+    text, family, _source = pick_template(choice, own if isinstance(own, str) else None, model_type)
+    return check_trainable(choice, text, family)
 
 
 def family_of(model_type: str | None) -> str | None:

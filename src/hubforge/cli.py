@@ -2,7 +2,8 @@
 
     hubforge validate recipes/                       # every recipe, recursively; exit 1 if any fails
     hubforge plan RECIPE [--format text|markdown|json]
-    hubforge run RECIPE [--stages data,train] [--run-dir DIR] [--set train.max_steps=5] [--force]
+    hubforge run RECIPE [--stages data,train] [--run-dir DIR] [--set train.max_steps=5] [--unset data.hub] [--force]
+    hubforge run RECIPE --standin                    # on the embedded base + a shipped sample, a few steps
     hubforge status RUN_DIR
     hubforge base fetch embedded:gemma-3-270m [--to DIR]
     hubforge hub serve --data-dir DIR --port 8765
@@ -36,6 +37,7 @@ app.add_typer(space_app, name="space")
 QUIET = typer.Option(False, "--quiet", "-q", help="Print only errors.")
 JSON = typer.Option(False, "--json", help="Print one JSON document for machines.")
 SET = typer.Option(None, "--set", help="Override a recipe value: section.key=value (YAML value). Repeatable.")
+UNSET = typer.Option(None, "--unset", help="Remove a recipe key (its default applies again): section.key. Repeatable.")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -50,9 +52,9 @@ def _here(path: Path | None) -> Path | None:
     return None if path is None else Path(os.path.abspath(path))
 
 
-def _load(path: Path, overrides: list[str] | None):
+def _load(path: Path, overrides: list[str] | None, unset: list[str] | None = None, standin: bool = False):
     try:
-        return load_recipe(path, overrides or [])
+        return load_recipe(path, overrides or [], unset=unset or [], standin=standin)
     except RecipeError as exc:
         _fail(str(exc))
 
@@ -88,25 +90,30 @@ def validate(paths: List[Path] = typer.Argument(..., help="Recipe files or folde
 @app.command()
 def plan(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
          fmt: str = typer.Option("text", "--format", help="text | markdown | json"),
-         overrides: Optional[List[str]] = SET) -> None:
+         overrides: Optional[List[str]] = SET, unset: Optional[List[str]] = UNSET,
+         standin: bool = typer.Option(False, "--standin", help="Plan the stand-in run (see `run --standin`).")) -> None:
     """What a run would do: stages, repos, GGUF files, parameter/memory/disk/token estimates. Offline."""
     from hubforge.errors import StageError
-    from hubforge.plan import plan_text
+    from hubforge.plan import build_plan, render
 
     if fmt not in ("text", "markdown", "json"):
         _fail(f"--format must be text, markdown or json, not {fmt!r}")
     try:
-        text = plan_text(_load(recipe_path, overrides), fmt)
+        result = build_plan(_load(recipe_path, overrides, unset, standin))
     except StageError as exc:  # a data file the data stage would refuse: say so now, naming file and line
         _fail(f"error: {exc}")
-    typer.echo(text, nl=False)
+    typer.echo(render(result, fmt), nl=False)
+    raise typer.Exit(1 if result["problems"] else 0)
 
 
 @app.command()
 def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
         stages: Optional[str] = typer.Option(None, help="Comma-separated stages to run (default: all)."),
         run_dir: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>/<recipe-sha256[:12]>)."),
-        overrides: Optional[List[str]] = SET,
+        overrides: Optional[List[str]] = SET, unset: Optional[List[str]] = UNSET,
+        standin: bool = typer.Option(False, "--standin", help="Run on the embedded base and a shipped sample of the same "
+                                     "format, shrunk to a few steps (hubforge.standin); recorded in the resolved recipe; "
+                                     "never published."),
         force: bool = typer.Option(False, help="Re-run stages even when their inputs are unchanged."),
         publish: bool = typer.Option(False, "--publish", help="Also publish the repos and deploy the Space (checks the token first)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="With --publish: list every file, size and target repo; upload nothing."),
@@ -119,7 +126,12 @@ def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE"),
     from hubforge import pipeline
     from hubforge.rundir import RunDir
 
-    recipe = _load(recipe_path, overrides)
+    if standin and (publish or remote is not None):
+        _fail("error: --standin runs on the embedded base and a sample of the data, so it is never published or sent "
+              f"to {'--remote' if remote is not None else '--publish'}; drop one of the two options")
+    if unset and remote is not None:
+        _fail("error: --unset is not passed to --remote runs yet; edit the recipe instead")
+    recipe = _load(recipe_path, overrides, unset, standin)
     folder = _here(run_dir or pipeline.default_run_dir(recipe))
     echo = (lambda _msg: None) if (quiet or as_json) else typer.echo
     if quiet or as_json:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from hubforge import hubclient, versions
+from hubforge import chat, hubclient, versions
 from hubforge.errors import StageError
 from hubforge.recipe import Recipe, dump_resolved
 from hubforge.redact import redact
@@ -146,8 +146,14 @@ def default_run_dir(recipe: Recipe, runs_root: Path = Path("runs")) -> Path:
 
 
 def preflight(recipe: Recipe, selected: list[Stage]) -> None:
-    """Checks that must pass before any expensive stage: today, Hub credentials and names when publishing."""
+    """Checks that must pass before any expensive stage: a chat template training will accept (when training),
+    Hub credentials and names (when publishing)."""
+    if any(s.name == "train" for s in selected) and (problem := chat.recipe_template_problem(recipe)):
+        raise StageError(f"{recipe.source}: {problem}")
     if any(s.publishes for s in selected):
+        if recipe.standin:
+            raise StageError(f"{recipe.source}: a stand-in run (standin: in the resolved recipe: embedded base, sample "
+                             "data) is never published; run the recipe without --standin to publish")
         hubclient.preflight(recipe)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from hubforge import compute, products
+from hubforge import chat, compute, products
 from hubforge.base import KNOWN_BASES, embedded_dir
 from hubforge.datarows import read_rows
 from hubforge.pipeline import STAGES
@@ -175,6 +175,7 @@ def build_plan(recipe: Recipe) -> dict:
         "space": recipe.space.id if recipe.space.enabled else None,
         "gguf_files": products.gguf_files(recipe),
         "warnings": warnings(recipe),
+        "problems": problems(recipe),
         "estimates": {
             "architecture_source": a["source"] if a else None,
             "parameters": params,
@@ -184,6 +185,11 @@ def build_plan(recipe: Recipe) -> dict:
             "train_tokens": token_estimate(recipe),
         },
     }
+
+
+def problems(recipe: Recipe) -> list[str]:
+    """Things that would make the run fail (the pipeline's preflight refuses them too); `hubforge plan` exits 1."""
+    return [p for p in [chat.recipe_template_problem(recipe)] if p]
 
 
 def warnings(recipe: Recipe) -> list[str]:
@@ -241,7 +247,7 @@ def render(plan: dict, fmt: str) -> str:
         ("Disk (est.)", f"≈ {disk['total_mb']:,} MB (adapter {disk['adapter_mb']}, checkpoints {disk['checkpoints_mb']}, merged {disk['merged_mb']}, GGUF {sum(disk['gguf_mb'].values()):.1f})" if disk else "—"),
         ("Train tokens", f"≈ {tok['tokens']:,} over {tok['rows']} rows ({tok['how']})" if tok.get("tokens") else tok["how"]),
     ]
-    rows += [("Warning", w) for w in plan["warnings"]]
+    rows += [("Warning", w) for w in plan["warnings"]] + [("PROBLEM", p) for p in plan["problems"]]
     if skipped := tok.get("skipped"):
         rows += [("Skipped rows", f"{len(skipped)} records the data stage will skip: " + "; ".join(skipped[:5])
                   + (f"; … {len(skipped) - 5} more" if len(skipped) > 5 else ""))]

@@ -1,8 +1,9 @@
-"""Recipes: load a YAML file, apply `--set` overrides, validate, fill defaults, return a typed `Recipe`.
+"""Recipes: load a YAML file, apply `--set`/`--unset` overrides, validate, fill defaults, return a typed `Recipe`.
 
 The JSON Schema in `schema/recipe.schema.json` is the single source of truth for fields, types, ranges and
 defaults; the frozen dataclasses below mirror it (a unit test keeps the two in step) so that stages get
-attribute access and type checkers see typos. Precedence: schema defaults < YAML < `--set a.b=c`.
+attribute access and type checkers see typos. Precedence: schema defaults < YAML < (`--standin`'s changes, then)
+`--set a.b=c` / `--unset a.b` (an unset key falls back to its default, or is absent when it has none).
 
     from hubforge.recipe import load_recipe
     recipe = load_recipe("recipes/gemma-3-270m/persian-chat-lora.yaml", overrides=["train.max_steps=5"])
@@ -243,13 +244,16 @@ class Recipe:
     publish: Publish
     space: Space
     compute: Compute
+    # Set by `hubforge run --standin` only (hubforge.standin): the changes that made this a stand-in run.
+    standin: tuple[str, ...] | None = None
     # Not part of the schema: where the recipe came from, and the root that local paths are relative to.
     source: str = field(default="<memory>", compare=False)
     root: Path = field(default=Path("."), compare=False)
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (what `recipe.resolved.yaml` holds and what is hashed)."""
-        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "root")})
+        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "root")
+                       and not (f.name == "standin" and self.standin is None)})  # absent unless a stand-in run
 
     @property
     def sha256(self) -> str:
@@ -355,8 +359,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], unset: list[str] = ()) -> dict:
     data = copy.deepcopy(raw)
+    set_keys = {".".join(parse_override(text)[0]) for text in overrides}
+    for key in unset:
+        parts = key.strip().split(".")
+        if key.strip() in set_keys:
+            raise RecipeError("--unset", [f"--unset {key!r}: the same key is also given to --set; use one of them"])
+        node = data
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise RecipeError("--unset", [f"--unset {key!r}: the recipe has no such key (section.key, as in the YAML)"])
+        del node[parts[-1]]
     for text in overrides:
         parts, value = parse_override(text)
         node = data
@@ -600,8 +615,11 @@ def project_root(recipe_path: Path) -> Path:
 
 
 def resolve(raw: Any, *, source: str = "<memory>", root: Path | None = None, overrides: list[str] = (),
-            yaml_node: yaml.Node | None = None) -> Recipe:
-    """Validate raw recipe data (+ overrides) and return the resolved, typed recipe; raise RecipeError listing all problems."""
+            yaml_node: yaml.Node | None = None, unset: list[str] = (), standin: bool = False) -> Recipe:
+    """Validate raw recipe data (+ overrides) and return the resolved, typed recipe; raise RecipeError listing all problems.
+
+    `standin`: first apply hubforge.standin's changes (embedded base, shipped sample, small sizes), recorded in the
+    resolved recipe's `standin:`; `overrides`/`unset` come after them."""
     root = (root or Path.cwd()).resolve()
 
     def where(path, message):
@@ -611,7 +629,16 @@ def resolve(raw: Any, *, source: str = "<memory>", root: Path | None = None, ove
     if not isinstance(raw, dict):
         kind = "empty" if raw is None else f"a {type(raw).__name__}"
         raise RecipeError(source, [f"{source}: the recipe is {kind}; it must be a YAML mapping with at least name, base, data and method"])
-    data = apply_overrides(raw, list(overrides))
+    if standin:
+        from hubforge import standin as standins
+
+        try:
+            stand_sets, stand_unset = standins.overrides(raw)
+        except standins.StandinError as exc:
+            raise RecipeError(source, [f"{source}: --standin: {exc}"]) from None
+        raw = apply_overrides(raw, stand_sets, stand_unset)
+        raw["standin"] = standins.record(stand_sets, stand_unset)
+    data = apply_overrides(raw, list(overrides), list(unset))
     if broken := _not_text(data):  # before anything quotes these strings into messages, hashes or files
         raise RecipeError(source, [where(p, "holds a lone surrogate escape (\\ud800-\\udfff), which is not a character; "
                                             "write the character itself") for p in broken])
@@ -653,7 +680,8 @@ def _build(cls, values: dict):
     return cls(**kwargs)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), root: Path | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), root: Path | None = None, unset: list[str] = (),
+                standin: bool = False) -> Recipe:
     """Read and resolve one recipe file. Raises RecipeError with every problem found (file:line:col: path: message)."""
     path = Path(path)
     source = str(path)
@@ -674,15 +702,18 @@ def load_recipe(path: str | Path, overrides: list[str] = (), root: Path | None =
         mark = exc.problem_mark or exc.context_mark
         pos = f"{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise RecipeError(source, [f"{source}:{pos}: malformed YAML: {exc.problem or exc.context}"]) from None
-    return resolve(raw, source=source, root=root or project_root(path), overrides=overrides, yaml_node=node)
+    return resolve(raw, source=source, root=root or project_root(path), overrides=overrides, yaml_node=node,
+                   unset=unset, standin=standin)
 
 
 def find_recipes(paths: list[str | Path]) -> list[Path]:
-    """Files and folders (searched recursively for *.yaml / *.yml) -> recipe files, sorted."""
+    """Files and folders (searched recursively for *.yaml / *.yml) -> recipe files, sorted. A `data/` folder inside
+    a searched folder holds shipped datasets and their lm-eval task files, not recipes (as `hubforge changed` sees it)."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(q for q in p.rglob("*") if q.suffix in (".yaml", ".yml") and q.is_file())
+            found += sorted(q for q in p.rglob("*") if q.suffix in (".yaml", ".yml") and q.is_file()
+                            and "data" not in q.relative_to(p).parts[:-1])
         else:
             found.append(p)
     return found

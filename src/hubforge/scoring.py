@@ -53,7 +53,8 @@ def scoring_template(tokenizer, recipe) -> tuple[str | None, str]:
 
     if has_generation_markers(tokenizer.chat_template):
         return tokenizer.chat_template, "assistant"
-    marked = get_training_chat_template(tokenizer)
+    # the variant the train stage trained with: hubforge's own where TRL cannot patch the template (hubforge.chat)
+    marked = chat.training_template(tokenizer.chat_template) or get_training_chat_template(tokenizer)
     return (marked, "assistant") if marked else (None, "all")
 
 

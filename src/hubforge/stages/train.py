@@ -137,6 +137,8 @@ def train_here(recipe, run_dir, base_dir: Path, resume: Path | None) -> dict | N
     out, m, t = run_dir.stage_dir("train"), recipe.method, recipe.train
     main_rank = compute.rank() == 0
     tokenizer, template = chat.load_tokenizer(base_dir, recipe.base.chat_template, need_template=recipe.data.format != "text")
+    if t.assistant_only_loss and (problem := chat.check_trainable(recipe.base.chat_template, template.text, template.family)):
+        raise StageError(problem)
     rows = {split: [chat.for_template({k: v for k, v in r.items() if k != "qa"}, template)
                     for r in read_jsonl(run_dir.path / "data" / f"{split}.jsonl")] for split in ("train", "eval")}
 
@@ -151,12 +153,15 @@ def train_here(recipe, run_dir, base_dir: Path, resume: Path | None) -> dict | N
     score_only_loss_positions()
     cuda = torch.cuda.is_available()
     args = sft_config(recipe, out / "checkpoints", cuda=cuda, bf16_ok=torch.cuda.is_bf16_supported() if cuda else True)
+    if args.assistant_only_loss and (variant := chat.training_template(template.text)):
+        tokenizer.chat_template = variant  # one TRL cannot patch (e.g. llama3_1): hubforge's marked variant
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer, callbacks=[log] if log is not None else [],
         train_dataset=Dataset.from_list(rows["train"]),
         eval_dataset=Dataset.from_list(rows["eval"]) if t.eval_steps and rows["eval"] else None,
         peft_config=peft_config(recipe, base_dir),
     )
+    tokenizer.chat_template = template.text  # rows are tokenized; the saved tokenizer keeps the plain template
     checks = check_prepared(trainer.train_dataset, tokenizer.bos_token_id, args.assistant_only_loss)
     trainable, total = trainable_params(trainer.model)
     if main_rank:
@@ -194,7 +199,9 @@ def train_here(recipe, run_dir, base_dir: Path, resume: Path | None) -> dict | N
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "packing": args.packing, "padding_free": args.padding_free, "assistant_only_loss": args.assistant_only_loss,
         "resumed_from": rel(resume, run_dir) if resume else None, "checks": checks,
-        "chat_template": template.describe(), "loss_head": "TRL fused chunked LM head, loss positions only (no full logits)",
+        "chat_template": {**template.describe(), "training_variant": chat.training_support(template.text)
+                          if args.assistant_only_loss and template.text else None},
+        "loss_head": "TRL fused chunked LM head, loss positions only (no full logits)",
         "compute": {"processes": recipe.compute.processes,
                     "strategy": recipe.compute.strategy if compute.launches(recipe) else "single process"},
     }
@@ -233,6 +240,7 @@ def sft_config(recipe, output_dir: Path, cuda: bool = False, bf16_ok: bool = Tru
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
         logging_strategy="steps", logging_steps=t.logging_steps, report_to="none", disable_tqdm=False,
         include_num_input_tokens_seen="non_padding", dataloader_pin_memory=cuda,
+        use_cpu=not cuda,  # else a bf16 recipe on CPU stops in TrainingArguments ("doesn't support bf16/gpu")
         **precision_flags(t.precision, cuda, bf16_ok),
     )
 
