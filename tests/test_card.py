@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from huggingface_hub import ModelCard
+from hubforge.recipe import find_recipes
 
 from hubforge import cardmeta, cardtext
 from hubforge.pipeline import StageError
@@ -316,7 +317,7 @@ def test_card_metadata_is_pure(tmp_path):
 
 
 # ---------------------------------------------------------------- every shipped recipe
-SHIPPED = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+SHIPPED = find_recipes([Path(__file__).resolve().parents[1] / "recipes"])  # what `hubforge validate recipes/` reads
 
 
 def synthetic_manifest(recipe) -> dict:

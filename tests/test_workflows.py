@@ -252,7 +252,7 @@ def test_slim_jobs_install_what_validate_changed_and_plan_import():
     # The job's commands in a fresh interpreter where every other installed distribution cannot be imported, as on
     # the job's runner (optional imports such as httpx2's brotli fall back exactly as they would there).
     probe = r"""
-import glob, sys
+import sys
 from importlib import metadata
 from importlib.abc import MetaPathFinder
 from packaging.utils import canonicalize_name
@@ -268,7 +268,8 @@ from hubforge.cli import app
 runner = CliRunner()
 result = runner.invoke(app, ["validate", "recipes/"])
 assert result.exit_code == 0, result.output
-for path in sorted(glob.glob("recipes/**/*.yaml", recursive=True)):
+from hubforge.recipe import find_recipes
+for path in map(str, find_recipes(["recipes"])):
     result = runner.invoke(app, ["plan", path, "--format", "markdown"])
     assert result.exit_code == 0, (path, result.output, result.exception)
 result = runner.invoke(app, ["changed", "--json", "HEAD", "HEAD"])

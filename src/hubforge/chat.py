@@ -42,6 +42,16 @@ class ChatTemplate:
                 "system_prompt_folded_by": None if self.system_fold == "none" else self.system_fold}
 
 
+def trl_installed() -> bool:
+    """Whether TRL is importable here (the slim pull-request job installs only what validate and plan need)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("trl") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def trl_templates_dir() -> Path:
     """TRL's chat_templates folder, found without importing TRL (seconds; `plan` must stay quick)."""
     import importlib.util

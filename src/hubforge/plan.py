@@ -189,12 +189,17 @@ def build_plan(recipe: Recipe) -> dict:
 
 def problems(recipe: Recipe) -> list[str]:
     """Things that would make the run fail (the pipeline's preflight refuses them too); `hubforge plan` exits 1."""
+    if not chat.trl_installed():  # the slim pull-request job: warnings() says the check was left to the preflight
+        return []
     return [p for p in [chat.recipe_template_problem(recipe)] if p]
 
 
 def warnings(recipe: Recipe) -> list[str]:
     """Things a reviewer should see before approving; none of them stops a run."""
     out = []
+    if recipe.train.assistant_only_loss and recipe.data.format != "text" and not chat.trl_installed():
+        out.append("base.chat_template was not checked for assistant-only training here (TRL is not installed); the "
+                   "pipeline's preflight checks it before training starts")
     for what, rev, used in (("base.revision", recipe.base.revision, not recipe.base.model.startswith(("embedded:", ".", "/"))),
                             ("data.revision", recipe.data.revision, bool(recipe.data.hub))):
         if used and not (rev and len(rev) == 40 and all(c in "0123456789abcdef" for c in rev)):
