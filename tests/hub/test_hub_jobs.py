@@ -91,7 +91,7 @@ def test_remote_run_streams_logs_and_brings_the_run_directory_back(hub, api, tok
     manifest = json.loads((project / "runs" / "tiny-jobs" / sha12 / "manifest.json").read_text())
     assert manifest["stages"]["data"]["status"] == "done"
     assert (project / "runs" / "tiny-jobs" / sha12 / "data" / "train.jsonl").stat().st_size > 0
-    assert f"downloaded to runs/tiny-jobs/{sha12}" in out
+    assert f"downloaded to {project / 'runs' / 'tiny-jobs' / sha12}" in out  # absolute: where the command ran
     assert api.dataset_info("hubforge/hubforge-runs").private
 
     info = api.inspect_job(job_id=job_id, namespace="hubforge")
@@ -113,7 +113,7 @@ def test_a_failing_job_reports_its_status_and_last_lines_and_its_run_directory_c
     assert "ended ERROR: exit code 1" in done.stderr
     last = done.stderr.split("last log lines:")[1]
     assert "every training row is longer than train.max_length=8" in last
-    sha12 = next(line for line in done.stdout.splitlines() if "downloaded to" in line).split("/")[2].split()[0]
+    sha12 = next(line for line in done.stdout.splitlines() if "downloaded to" in line).split("/tiny-jobs/")[1].split()[0]
     manifest = json.loads((project / "runs" / "tiny-jobs" / sha12 / "manifest.json").read_text())
     assert manifest["stages"]["data"]["status"] == "failed"
 
