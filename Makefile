@@ -10,10 +10,18 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
 LLAMA_CPP_DIR ?= .cache/llama.cpp
+# llama.cpp is compiled for any x86-64 with AVX2, not for the build machine (-march=native): a native build on a CPU
+# that advertises AMX inside a VM that does not enable it dies with SIGILL (`tilezero` in libggml-cpu) the first time
+# a quantized file is evaluated, and a wheel built on one machine must run on the next. pip's wheel cache ignores
+# CMAKE_ARGS, so the wheel is built once per version and flags into a folder of our own and installed from there.
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity, llama-gguf-split), same source and
+# flags as the runtime; the folder name must match hubforge.llamatools.tools_dir().
+LLAMA_TOOLS ?= $(HOME)/.cache/hubforge/llama.cpp-tools-$(LLAMA_CPP_PYTHON_VERSION)$(subst $() ,,$(LLAMA_CPP_CMAKE_ARGS))
 RECIPE ?= recipes/gemma-3-270m/persian-chat-lora.yaml
 TIERS ?= unit or integration or hub or slow or browser
 
-.PHONY: install llama-cpp-scripts browser-deps demo test test-unit benchmarks clean
+.PHONY: install llama-cpp-scripts llama-cpp-tools browser-deps demo test test-unit benchmarks clean
 
 install: $(VENV)/.installed llama-cpp-scripts
 
@@ -36,6 +44,16 @@ $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py: | $(VENV)/.installed
 	tar -xzf .cache/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz -C $(LLAMA_CPP_DIR) --strip-components=3 \
 	    llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)/vendor/llama.cpp
 	rm -rf .cache/sdist
+
+# llama.cpp's tools for the importance matrix, per-tensor types, KL divergence and split files (hubforge.llamatools):
+# compiled once per machine (~10 minutes on 2 cores, so not part of `install`; the gguf stage builds them on first
+# use when a recipe needs them). Needs cmake and a C++ compiler: apt-get install cmake g++.
+llama-cpp-tools: $(LLAMA_TOOLS)/bin/llama-quantize
+
+$(LLAMA_TOOLS)/bin/llama-quantize: | llama-cpp-scripts
+	@command -v cmake >/dev/null && command -v c++ >/dev/null || \
+	    { echo "llama-cpp-tools needs cmake and a C++ compiler: apt-get install cmake g++" >&2; exit 1; }
+	HUBFORGE_LLAMA_CPP_DIR=$(LLAMA_CPP_DIR) $(BIN)/python -m hubforge.llamatools build "$(LLAMA_CPP_CMAKE_ARGS)"
 
 # Headless Chromium for the Space's browser test (Debian packages; root, as on CI).
 browser-deps:
