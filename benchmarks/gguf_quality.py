@@ -36,7 +36,7 @@ def texts(model_dir: Path, work: Path, heldout: float, seed: int) -> tuple[Path,
     rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows]
     cut = int(len(rendered) * (1 - heldout))
     calib, held = work / "calibration.txt", work / "heldout.txt"
-    calib.write_text("".join(rendered[:cut]), "utf-8")
+    calib.write_text("".join(rendered[:cut]).removeprefix(tokenizer.bos_token), "utf-8")  # llama.cpp adds one
     plain = "".join(rendered[cut:])
     for marker in MARKERS:
         plain = plain.replace(marker, "")
@@ -81,10 +81,13 @@ def main() -> None:
     imatrix, logits = work / "imatrix.gguf", work / "f16.kld"
     if not imatrix.is_file():
         print(f"imatrix: {llamatools.imatrix(f16, calib, imatrix, log=log, ctx=args.ctx):.1f} s")
-    if not logits.is_file():
+    base_json = work / "f16.kld.json"
+    if not logits.is_file() or not base_json.is_file():
         base = llamatools.kld_base(f16, held, logits, log=log, ctx=args.ctx)
+        base_json.write_text(json.dumps(base))
         print(f"F16 reference logits: {base['seconds']:.1f} s, PPL {base['ppl']:.3f}")
-    rows = [row("F16", f16, llamatools.kld(f16, logits, log=log, ctx=args.ctx))]
+    base = json.loads(base_json.read_text())  # the F16 row is the reference itself: KL 0, same top token everywhere
+    rows = [row("F16", f16, {"mean_kld": 0.0, "p99_kld": 0.0, "same_top": 1.0, "ppl": base["ppl"]})]
     for qtype in args.quants.split(","):
         for imat in (None, imatrix):
             name = f"{qtype}{'-imat' if imat else ''}"
