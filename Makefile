@@ -16,10 +16,13 @@ LLAMA_CPP_DIR ?= .cache/llama.cpp
 # CMAKE_ARGS, so the wheel is built once per version and flags into a folder of our own and installed from there.
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 LLAMA_WHEELS ?= $(HOME)/.cache/hubforge/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)$(subst $() ,,$(LLAMA_CPP_CMAKE_ARGS))
+# llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity, llama-gguf-split), same source and
+# flags as the runtime; the folder name must match hubforge.llamatools.tools_dir().
+LLAMA_TOOLS ?= $(HOME)/.cache/hubforge/llama.cpp-tools-$(LLAMA_CPP_PYTHON_VERSION)$(subst $() ,,$(LLAMA_CPP_CMAKE_ARGS))
 RECIPE ?= recipes/gemma-3-270m/persian-chat-lora.yaml
 TIERS ?= unit or integration or hub or slow or browser or workflows
 
-.PHONY: install llama-cpp-scripts browser-deps lint-deps demo test test-unit standins benchmarks clean
+.PHONY: install llama-cpp-scripts llama-cpp-tools browser-deps lint-deps demo test test-unit standins benchmarks clean
 
 install: $(VENV)/.installed llama-cpp-scripts
 
@@ -46,6 +49,16 @@ $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py: | $(VENV)/.installed
 	tar -xzf .cache/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz -C $(LLAMA_CPP_DIR) --strip-components=3 \
 	    llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)/vendor/llama.cpp
 	rm -rf .cache/sdist
+
+# llama.cpp's tools for the importance matrix, per-tensor types, KL divergence and split files (hubforge.llamatools):
+# compiled once per machine: 11.5 CPU-minutes measured (~6 minutes on 2 idle cores), too long for `install`, so
+# hubforge.llamatools builds them on first use and says so. Needs cmake and a C++ compiler: apt-get install cmake g++.
+llama-cpp-tools: $(LLAMA_TOOLS)/bin/llama-quantize
+
+$(LLAMA_TOOLS)/bin/llama-quantize: | llama-cpp-scripts
+	@command -v cmake >/dev/null && command -v c++ >/dev/null || \
+	    { echo "llama-cpp-tools needs cmake and a C++ compiler: apt-get install cmake g++" >&2; exit 1; }
+	HUBFORGE_LLAMA_CPP_DIR=$(LLAMA_CPP_DIR) $(BIN)/python -m hubforge.llamatools build "$(LLAMA_CPP_CMAKE_ARGS)"
 
 # Headless Chromium for the Space's browser test (Debian packages; root, as on CI).
 browser-deps:

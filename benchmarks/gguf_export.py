@@ -9,12 +9,20 @@ and quantization are the gguf stage's own calls (hubforge.llamacpp). Generation:
 greedy, --tokens new tokens; tokens/s counts decoding only (after the first token) for both backends. For
 transformers, decoding time is generate(N) - generate(1), each the best of --runs. Results are printed with
 ratios and written to benchmarks/results/gguf_export.json.
+
+A second table asks why the gguf stage reports fewer tokens/s than llama.cpp alone: the F16 and Q4_K_M files are
+timed in fresh processes that load only llama_cpp (no torch), with OpenMP's wait policy unset (libgomp spins, then
+sleeps), PASSIVE (what hubforge sets at import) and ACTIVE, on 1 and 2 threads, next to the stage's own way (torch
+imported and its thread pool started, PASSIVE, all cores) measured in the same run.
+
+    .venv/bin/python benchmarks/gguf_export.py --speed-only F16.gguf Q4_K_M.gguf   # only the second table
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +70,58 @@ def hf_tokens_per_s(model_dir: Path, ids: list[int], tokens: int, runs: int) -> 
     return (tokens - 1) / (best(tokens) - best(1))
 
 
+# One timing in a fresh process: only llama_cpp (or torch first, with its OpenMP pool started, as in the stage).
+PROBE = """
+import json, sys, time
+if {torch}:
+    import torch
+    torch.ones(256, 256) @ torch.ones(256, 256)
+import llama_cpp
+llm = llama_cpp.Llama(model_path={path!r}, n_ctx=512, n_threads={threads}, verbose=False)
+ids = llm.tokenize({prompt!r}.encode())
+def rate(n):
+    out, first = 0, time.perf_counter()
+    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        out += 1
+        if out == 1:
+            first = time.perf_counter()
+        if out >= n:
+            return (n - 1) / (time.perf_counter() - first)
+rate(4)
+print(json.dumps(max(rate({tokens}) for _ in range({runs}))))
+"""
+SETTINGS = [  # (label, torch imported, OMP_WAIT_POLICY or None for unset, threads or None for all cores)
+    ("stage: torch + PASSIVE, all cores", True, "PASSIVE", None), ("no torch, policy unset, 2 threads", False, None, 2),
+    ("no torch, PASSIVE, 2 threads", False, "PASSIVE", 2), ("no torch, ACTIVE, 2 threads", False, "ACTIVE", 2),
+    ("no torch, PASSIVE, 1 thread", False, "PASSIVE", 1), ("no torch, policy unset, 1 thread", False, None, 1),
+]
+
+
+def probe(path: Path, with_torch: bool, policy: str | None, threads: int | None, tokens: int, runs: int) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": policy} if policy else {})
+    code = PROBE.format(torch=with_torch, path=str(path), threads=threads or os.cpu_count(), prompt=PROMPT,
+                        tokens=tokens, runs=runs)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"speed probe on {path.name} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def speed_table(files: dict[str, Path], tokens: int, runs: int) -> list[dict]:
+    """tokens/s of each file under each of SETTINGS, printed as one table and returned as rows."""
+    import llama_cpp
+
+    print(f"\nllama.cpp tokens/s by process setup ({tokens} new tokens, best of {runs}, n_ctx=512; "
+          f"llama.cpp system info: {llama_cpp.llama_print_system_info().decode().strip()})")
+    print(f"{'setup':36} " + " ".join(f"{name:>8}" for name in files))
+    rows = []
+    for label, with_torch, policy, threads in SETTINGS:
+        row = {"setup": label, **{name: probe(path, with_torch, policy, threads, tokens, runs) for name, path in files.items()}}
+        rows.append(row)
+        print(f"{label:36} " + " ".join(f"{row[name]:8.1f}" for name in files))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
@@ -69,7 +129,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gguf_export.json")
+    parser.add_argument("--speed-only", nargs="+", type=Path, metavar="GGUF", help="only the process-setup table")
     args = parser.parse_args()
+    if args.speed_only:
+        speed_table({p.stem.rsplit("-", 1)[-1]: p for p in args.speed_only}, args.tokens, args.runs)
+        return
 
     from transformers import AutoTokenizer
 
@@ -95,6 +159,7 @@ def main() -> None:
             with closing(llamacpp.load(files[row["type"]], n_ctx=len(ids) + args.tokens + 8)) as llm:
                 llamacpp.greedy(llm, ids, 4, set())  # warm-up
                 row["tokens_per_s"] = max(llamacpp.greedy(llm, ids, args.tokens, set())[1] for _ in range(args.runs))
+        speeds = speed_table({t: files[t] for t in ("F16", "Q4_K_M") if t in files}, args.tokens, args.runs)
         hf = hf_tokens_per_s(model_dir, ids, args.tokens, args.runs)
 
     print(f"model: {'tiny random Gemma 3' if args.tiny else 'embedded Gemma 3 270M'} ({source_mb:.0f} MB safetensors), "
@@ -109,7 +174,8 @@ def main() -> None:
           f"includes the converter's own torch/transformers import)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": "tiny" if args.tiny else "embedded:gemma-3-270m", "tokens": args.tokens,
-                                    "threads": os.cpu_count(), "transformers_fp32_tokens_per_s": hf, "rows": rows}, indent=2))
+                                    "threads": os.cpu_count(), "transformers_fp32_tokens_per_s": hf, "rows": rows,
+                                    "llama_cpp_by_process_setup": speeds}, indent=2))
 
 
 if __name__ == "__main__":

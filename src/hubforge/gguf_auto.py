@@ -1,0 +1,204 @@
+"""KL-budgeted per-tensor quantization: measure how much each tensor group costs at each type, choose the smallest
+mixture whose estimated cost fits a budget, build it with llama-quantize and keep it only if the measurement of the
+real file meets the budget.
+
+    from hubforge import gguf_auto, llamatools
+    result = gguf_auto.auto(f16, work, base_logits, {"mean_kld": 0.05, "disagree": 0.10, "ln_ppl_ratio": 0.0488},
+                            log=work / "llama.log")
+    result["quantize_args"]   # the llama-quantize options that reproduce the file
+
+Costs are measured against a reference file with every group at Q8_0 (near-lossless): a group's cost at a type is
+what the file's metric grows by when only that group drops to that type. The chooser adds the costs of the groups
+(a first-order estimate; interactions are why the real file is measured before it counts). Metrics are those
+llamatools.kld() returns, with `disagree` = 1 - same_top; all three are roughly additive over small perturbations.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Types tried per group, smallest first. K-quants need rows that are a multiple of 256 values, the others 32: a group
+# whose rows do not fit a type is not offered it (llama.cpp would silently fall back to another type).
+CANDIDATES = ("Q4_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0")
+REFERENCE = "Q8_0"
+# Tensor groups: name -> regex llama-quantize matches against tensor names. token_embd goes through
+# --token-embedding-type (it is also the output matrix when the embeddings are tied, as in Gemma).
+GROUPS = {"token_embd": r"^token_embd\.weight$", "output": r"^output\.weight$",
+          **{kind: rf"\.{kind}\.weight$" for kind in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                       "ffn_gate", "ffn_up", "ffn_down")}}
+
+
+@dataclass
+class Option:
+    type: str
+    size: int  # bytes of the group's tensors at this type
+    cost: dict[str, float] = field(default_factory=dict)  # metric -> increase over the reference file
+
+
+@dataclass
+class Group:
+    name: str
+    pattern: str
+    options: list[Option]  # sorted by size, ascending
+
+
+def total(choice: dict[str, Option], metric: str, baseline: dict[str, float]) -> float:
+    return baseline.get(metric, 0.0) + sum(opt.cost.get(metric, 0.0) for opt in choice.values())
+
+
+def fits(choice: dict[str, Option], limits: dict[str, float], baseline: dict[str, float]) -> bool:
+    return all(total(choice, m, baseline) <= limit for m, limit in limits.items())
+
+
+def choose(groups: list[Group], limits: dict[str, float], baseline: dict[str, float] | None = None,
+           exhaustive_up_to: int = 200_000) -> dict[str, Option] | None:
+    """The smallest choice of one option per group whose estimated metrics (baseline + costs) stay within `limits`;
+    None when even the largest options do not fit. Exact when the options multiply to at most `exhaustive_up_to`
+    combinations, otherwise greedy (upgrade the group with the best excess reduction per byte, then drop any
+    upgrade the budget does not need)."""
+    baseline = baseline or {}
+    if math.prod(len(g.options) for g in groups) <= exhaustive_up_to:
+        best = None
+        for combo in itertools.product(*(g.options for g in groups)):
+            choice = {g.name: o for g, o in zip(groups, combo)}
+            size = sum(o.size for o in combo)
+            if (best is None or size < best[0]) and fits(choice, limits, baseline):
+                best = (size, choice)
+        return best[1] if best else None
+    return _greedy(groups, limits, baseline)
+
+
+def _excess(choice, limits, baseline) -> float:
+    return sum(max(0.0, total(choice, m, baseline) - lim) / max(lim, 1e-12) for m, lim in limits.items())
+
+
+def _greedy(groups, limits, baseline):
+    choice = {g.name: g.options[0] for g in groups}
+    by_name = {g.name: g for g in groups}
+    while not fits(choice, limits, baseline):
+        now, best = _excess(choice, limits, baseline), None
+        for g in groups:
+            for opt in g.options:
+                extra = opt.size - choice[g.name].size
+                if extra <= 0:
+                    continue
+                gain = now - _excess(choice | {g.name: opt}, limits, baseline)
+                if gain > 0 and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, g.name, opt)
+        if best is None:
+            return None
+        choice[best[1]] = best[2]
+    for name in sorted(choice, key=lambda n: -choice[n].size):  # undo upgrades the budget turned out not to need
+        for opt in by_name[name].options:
+            if opt.size < choice[name].size and fits(choice | {name: opt}, limits, baseline):
+                choice[name] = opt
+                break
+    return choice
+
+
+def overrides(choice: dict[str, Option], groups: list[Group]) -> dict:
+    """A choice -> llamatools.quantize keyword arguments (tensor_types and token_embedding_type)."""
+    patterns = {g.name: g.pattern for g in groups}
+    tensor_types = {patterns[n]: o.type for n, o in choice.items() if n != "token_embd"}
+    return {"tensor_types": tensor_types, "token_embedding_type": choice["token_embd"].type if "token_embd" in choice else None}
+
+
+def tensor_groups(gguf_path: Path, candidates=CANDIDATES, per_layer: tuple[str, ...] = ()) -> list[Group]:
+    """The file's quantizable tensors in GROUPS (kinds listed in `per_layer` split into one group per block), each
+    with the candidate types its row length allows and their exact sizes; costs are left empty."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    members: dict[str, tuple[str, list]] = {}
+    for t in GGUFReader(gguf_path).tensors:
+        kind = next((k for k, p in GROUPS.items() if re.search(p, t.name)), None)
+        if kind is None:
+            continue
+        layer = re.match(r"blk\.(\d+)\.", t.name)
+        name, pattern = kind, GROUPS[kind]
+        if kind in per_layer and layer:
+            name, pattern = f"{kind}.{layer.group(1)}", rf"^blk\.{layer.group(1)}\.{kind}\.weight$"
+        members.setdefault(name, (pattern, []))[1].append([int(x) for x in t.shape])
+    groups = []
+    for name, (pattern, shapes) in members.items():
+        options = []
+        for qtype in candidates:
+            block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+            if all(shape[0] % block == 0 for shape in shapes):  # shape[0] is the row length (ggml's ne[0])
+                options.append(Option(qtype, sum(math.prod(s) // block * nbytes for s in shapes)))
+        groups.append(Group(name, pattern, sorted(options, key=lambda o: o.size)))
+    return groups
+
+
+def metrics(measured: dict) -> dict[str, float]:
+    """llamatools.kld() output -> the additive metrics the chooser budgets."""
+    return {"mean_kld": measured["mean_kld"], "disagree": 1 - measured["same_top"],
+            "ln_ppl_ratio": measured["ln_ppl_ratio"]}
+
+
+def measure_costs(f16: Path, work: Path, base_logits: Path, groups: list[Group], *, log: Path, imatrix: Path | None = None,
+                  ctx: int = 512, progress=print) -> dict[str, float]:
+    """Fill each option's cost (one quantize + one KL run per group and type below the reference); returns the
+    reference file's own metrics (the baseline the costs add to)."""
+    from hubforge import llamatools
+
+    def run(name: str, **kw) -> dict:
+        out = Path(work) / f"probe-{name}.gguf"
+        llamatools.quantize(f16, out, REFERENCE, log=log, imatrix=imatrix, **kw)
+        try:
+            return metrics(llamatools.kld(out, base_logits, log=log, ctx=ctx))
+        finally:
+            out.unlink()
+
+    baseline = run("reference")
+    for g in groups:
+        for opt in g.options:
+            if opt.type == REFERENCE:
+                continue
+            kw = overrides({g.name: opt}, groups)
+            got = run(f"{g.name}-{opt.type}", **kw)
+            opt.cost = {m: max(0.0, got[m] - baseline[m]) for m in baseline}
+            progress(f"  {g.name:14} {opt.type:5} {opt.size / 2**20:7.1f} MB  " +
+                     "  ".join(f"{m} +{v:.4f}" for m, v in opt.cost.items()))
+    return baseline
+
+
+def auto(f16: Path, work: Path, base_logits: Path, limits: dict[str, float], *, log: Path, out: Path | None = None,
+         imatrix: Path | None = None, ftype: str = "Q4_K_M", per_layer: tuple[str, ...] = (), tries: int = 3,
+         ctx: int = 512, progress=print) -> dict:
+    """Measure, choose, build and verify. Each failed verification tightens the violated limits by the ratio of
+    estimate to measurement and chooses again. Returns {file, size, types, quantize_args, estimate, measured,
+    meets, tries, groups}; `meets` False means no try passed the measured gate (the last file is kept for
+    inspection, never to be published as meeting the budget)."""
+    from hubforge import llamatools
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    groups = tensor_groups(f16, per_layer=per_layer)
+    baseline = measure_costs(f16, work, base_logits, groups, log=log, imatrix=imatrix, ctx=ctx, progress=progress)
+    out = Path(out or work / "auto.gguf")
+    budget = dict(limits)
+    for attempt in range(1, tries + 1):
+        choice = choose(groups, budget, baseline)
+        if choice is None:
+            raise ValueError(f"no mixture of {', '.join(CANDIDATES)} meets {budget} by the measured costs "
+                             f"(the Q8_0 reference alone measures {baseline})")
+        kw = overrides(choice, groups)
+        llamatools.quantize(f16, out, ftype, log=log, imatrix=imatrix, **kw)
+        measured = llamatools.kld(out, base_logits, log=log, ctx=ctx)
+        got = metrics(measured)
+        estimate = {m: total(choice, m, baseline) for m in limits}
+        meets = all(got[m] <= lim for m, lim in limits.items())
+        progress(f"  try {attempt}: {out.stat().st_size / 2**20:.1f} MB, estimate {estimate}, measured {got}, "
+                 f"{'meets' if meets else 'misses'} {limits}")
+        if meets or attempt == tries:
+            break
+        for m, lim in limits.items():  # aim lower by how far the estimate undershot the measurement
+            if got[m] > lim:
+                budget[m] = budget[m] * min(0.9, estimate[m] / got[m]) if got[m] > 0 else budget[m]
+    return {"file": str(out), "size": out.stat().st_size, "types": {n: o.type for n, o in choice.items()},
+            "quantize_args": llamatools.quantize_args(ftype, imatrix, **kw), "estimate": estimate, "measured": measured,
+            "meets": meets, "tries": attempt, "groups": [{"name": g.name, "options": [vars(o) for o in g.options]}
+                                                         for g in groups]}

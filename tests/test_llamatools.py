@@ -1,0 +1,124 @@
+"""llama.cpp's command-line tools (hubforge.llamatools) on the tiny Gemma 3: importance matrix made and used,
+per-tensor types in the written file, KL divergence parsed from llama-perplexity, split files that load.
+
+    .venv/bin/python -m pytest tests/test_llamatools.py -q -p no:cacheprovider
+
+The tools are built on first use (`make llama-cpp-tools`, ~6 minutes on 2 idle cores) unless already cached.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from hubforge import llamatools
+
+CTX = 128
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_base, persian_chat_file):
+    """F16 GGUF of the tiny model, calibration text (chat-rendered, first 150 conversations) and held-out text."""
+    from transformers import AutoTokenizer
+
+    from hubforge import llamacpp
+
+    root = tmp_path_factory.mktemp("llamatools")
+    llamacpp.convert_model(llamacpp.converter_input(tiny_base, root / "view"), root / "f16.gguf", "F16")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    rows = [json.loads(line)["messages"] for line in persian_chat_file.read_text("utf-8").splitlines()]
+    rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows]
+    # llama.cpp adds the BOS itself; the ones inside mark where conversations start, as in training
+    (root / "calib.txt").write_text("".join(rendered[:150]).removeprefix(tokenizer.bos_token), "utf-8")
+    (root / "heldout.txt").write_text("".join(rendered[150:]), "utf-8")
+    llamatools.bin_dir()  # build once here, outside any test's own timing
+    return root
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def tensor_bytes(path: Path) -> dict[str, bytes]:
+    from gguf import GGUFReader
+
+    return {t.name: t.data.tobytes() for t in GGUFReader(path).tensors}
+
+
+@pytest.mark.integration
+def test_imatrix_is_written_and_changes_the_quantized_weights(work):
+    log = work / "imatrix.log"
+    llamatools.imatrix(work / "f16.gguf", work / "calib.txt", work / "imatrix.gguf", log=log, ctx=CTX)
+    from gguf import GGUFReader
+
+    names = {t.name for t in GGUFReader(work / "imatrix.gguf").tensors}
+    assert "blk.0.attn_q.weight.in_sum2" in names and "blk.1.ffn_down.weight.in_sum2" in names
+    llamatools.quantize(work / "f16.gguf", work / "plain.gguf", "Q4_K_M", log=log)
+    llamatools.quantize(work / "f16.gguf", work / "imat.gguf", "Q4_K_M", log=log, imatrix=work / "imatrix.gguf")
+    assert "importance matrix" in log.read_text()  # llama-quantize says it loaded the entries
+    plain, imat = (tensor_bytes(work / n) for n in ("plain.gguf", "imat.gguf"))
+    assert plain.keys() == imat.keys()
+    assert any(plain[k] != imat[k] for k in plain if ".ffn_down." in k)  # weighted rounding picked other values
+
+
+@pytest.mark.integration
+def test_tensor_type_overrides_land_in_the_file(work):
+    out = work / "mixed.gguf"
+    llamatools.quantize(work / "f16.gguf", out, "Q4_K_M", log=work / "mixed.log", token_embedding_type="Q4_0",
+                        tensor_types={r"\.attn_v\.weight$": "Q8_0", r"^blk\.1\.ffn_down\.weight$": "Q5_0"})
+    types = tensor_types(out)
+    assert types["token_embd.weight"] == "Q4_0"
+    assert types["blk.0.attn_v.weight"] == types["blk.1.attn_v.weight"] == "Q8_0"
+    assert types["blk.1.ffn_down.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] != "Q5_0"
+    assert types["blk.0.attn_q.weight"] == "Q4_K"  # untouched tensors keep Q4_K_M's own choice
+
+
+@pytest.mark.integration
+def test_kl_divergence_numbers_are_sane_and_ordered(work):
+    log, logits = work / "kld.log", work / "base.kld"
+    base = llamatools.kld_base(work / "f16.gguf", work / "heldout.txt", logits, log=log, ctx=CTX)
+    assert base["ppl"] > 1
+    same = llamatools.kld(work / "f16.gguf", logits, log=log, ctx=CTX)
+    assert same["mean_kld"] < 1e-4 and same["same_top"] > 0.999 and same["ppl"] == pytest.approx(base["ppl"], rel=1e-3)
+    results = {}
+    for qtype in ("Q8_0", "Q2_K"):
+        llamatools.quantize(work / "f16.gguf", work / f"{qtype}.gguf", qtype, log=log)
+        results[qtype] = llamatools.kld(work / f"{qtype}.gguf", logits, log=log, ctx=CTX)
+    q8, q2 = results["Q8_0"], results["Q2_K"]
+    assert 0 <= q8["mean_kld"] < q2["mean_kld"] and q8["mean_kld"] <= q8["p99_kld"] <= q8["max_kld"]
+    assert 0 <= q2["same_top"] < q8["same_top"] <= 1
+    assert q8["ppl_base"] == pytest.approx(base["ppl"], rel=1e-3)
+
+
+@pytest.mark.integration
+def test_split_files_load_and_generate_as_the_whole_file(work):
+    from hubforge import llamacpp
+
+    whole = work / "split-me.gguf"
+    llamatools.quantize(work / "f16.gguf", whole, "Q8_0", log=work / "split.log")
+    parts = llamatools.split(whole, "1M", log=work / "split.log")
+    assert len(parts) >= 2 and parts[0].name == "split-me-00001-of-" + f"{len(parts):05d}.gguf"
+    assert all(p.stat().st_size <= 1.1 * 2**20 for p in parts)
+    prompt = [2, 5, 6, 7]
+    with closing(llamacpp.load(whole)) as llm:
+        want = llamacpp.greedy(llm, prompt, 12, set())[0]
+    with closing(llamacpp.load(parts[0])) as llm:
+        assert llamacpp.greedy(llm, prompt, 12, set())[0] == want
+
+
+@pytest.mark.unit
+def test_a_tools_folder_without_the_tools_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HUBFORGE_LLAMA_TOOLS", str(tmp_path))
+    with pytest.raises(llamatools.LlamaToolError, match="lacks llama-quantize.*make llama-cpp-tools"):
+        llamatools.bin_dir()
+
+
+@pytest.mark.unit
+def test_a_machine_without_cmake_is_told_what_to_install(monkeypatch):
+    monkeypatch.setattr(llamatools.shutil, "which", lambda name: None)
+    with pytest.raises(llamatools.LlamaToolError, match=r"apt-get install cmake g\+\+"):
+        llamatools.build()
