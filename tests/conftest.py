@@ -57,6 +57,18 @@ def _merge(into: dict, extra: dict) -> dict:
     return into
 
 
+@pytest.fixture(scope="session")
+def recipe_at():
+    """recipe_at(root, **sections) -> a resolved Recipe rooted at `root` (sections deep-merged over MINIMAL_RECIPE);
+    for module-scoped fixtures that lay out their own project folder."""
+    from hubforge.recipe import resolve
+
+    def factory(root, source: str = "<test>", **sections):
+        return resolve(_merge(copy.deepcopy(MINIMAL_RECIPE), sections), root=root, source=source)
+
+    return factory
+
+
 @pytest.fixture
 def make_recipe(tmp_path, tiny_base, persian_chat_file):
     """make_recipe(method={"name": "qlora"}, ...) -> a resolved Recipe rooted at tmp_path, with ./base = tiny_base

@@ -42,14 +42,10 @@ def run_stages(recipe, path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_base, persian_chat_file):
+def runs(tmp_path_factory, tiny_base, persian_chat_file, recipe_at):
     """One process with batch 4, and two processes with batch 2 each (the same global batch of 4 rows), the latter
     killed with SIGKILL after its first checkpoint and run again: the run every test below looks at."""
-    import copy
     import shutil
-
-    from conftest import MINIMAL_RECIPE, _merge
-    from hubforge.recipe import resolve
 
     root = tmp_path_factory.mktemp("project")
     shutil.copytree(tiny_base, root / "base")
@@ -57,7 +53,7 @@ def runs(tmp_path_factory, tiny_base, persian_chat_file):
     (root / "data" / "chat.jsonl").write_bytes(persian_chat_file.read_bytes())
 
     def recipe(**sections):
-        return resolve(_merge(copy.deepcopy(MINIMAL_RECIPE), sections), root=root, source="<multiprocess-test>")
+        return recipe_at(root, source="<multiprocess-test>", **sections)
 
     one = recipe(train=dict(TRAIN, batch_size=4))
     two = recipe(train=dict(TRAIN, batch_size=2), compute={"processes": 2})
