@@ -155,3 +155,33 @@ def test_commits_racing_repeated_collections_all_stay_downloadable(api, hub, tok
         missing = [p for p, e in record["tree"].items() if hub.storage.blobs.size(e["sha256"]) != e["size"]]
         assert not missing, (commit_info.commit_id, missing)
     assert len(api.list_repo_files(repo)) == 13
+
+
+def test_an_upload_for_a_refused_commit_is_collected_after_the_grace_period(tmp_path):
+    from hubforge.hub import storage
+
+    hub = serve(tmp_path / "d")
+    try:
+        api = HfApi(endpoint=hub.endpoint, token=hub.token_path.read_text().strip())
+        repo = api.create_repo(_name("refused")).repo_id
+        kept, orphan = os.urandom(LFS), os.urandom(LFS)
+        api.upload_file(path_or_fileobj=kept, path_in_repo="kept.bin", repo_id=repo)
+        with pytest.raises(HfHubHTTPError) as refused:  # the LFS object is uploaded, then the commit is refused
+            api.create_commit(repo, operations=[CommitOperationAdd("orphan.bin", orphan)], commit_message="stale",
+                              parent_commit="0" * 40)
+        assert refused.value.response.status_code in (409, 412)
+        sha = {name: hashlib.sha256(data).hexdigest() for name, data in (("kept", kept), ("orphan", orphan))}
+        markers = hub.storage.repo_dir("model", repo) / "lfs"
+        assert hub.storage.blobs.size(sha["orphan"]) == LFS and (markers / sha["orphan"]).exists()
+
+        hub.storage.collect_garbage()  # within the grace period: a commit may still come for it
+        assert hub.storage.blobs.size(sha["orphan"]) == LFS
+        old = time.time() - storage.LFS_UPLOAD_GRACE_S - 60
+        for marker in markers.iterdir():
+            os.utime(marker, (old, old))
+        assert hub.storage.collect_garbage() == 1
+        assert hub.storage.blobs.size(sha["orphan"]) is None and not (markers / sha["orphan"]).exists()
+        assert hub.storage.blobs.size(sha["kept"]) == LFS  # committed: an old marker does not matter
+        assert hf_hub_download(repo, "kept.bin", endpoint=hub.endpoint, cache_dir=tmp_path / "c") and True
+    finally:
+        hub.stop()

@@ -14,7 +14,8 @@ torn file, and a blob or commit becomes visible only through the atomic rename o
 serialises commits and ref changes, so two concurrent commits both land, one on top of the other.
 `collect_garbage` (at start-up and after a repo is deleted) removes blobs no commit and no LFS upload marker
 references any more: those of deleted repos and of refused commits (see blobs.py for why it is safe against a
-concurrent commit).
+concurrent commit). An LFS upload that no commit of its repo took within LFS_UPLOAD_GRACE_S (a refused or abandoned
+commit) loses its marker then, and so its blob.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -31,6 +33,10 @@ from typing import Iterator
 
 from .blobs import BlobStore, fsync_dir, git_blob_oid, lfs_entry, lfs_pointer, now_iso, read_json, write_json
 from .errors import HubError, bad_request, entry_not_found, repo_not_found, revision_not_found
+
+# huggingface_hub uploads LFS objects seconds before the commit that names them; one that no commit of its repo has
+# taken a day later belongs to a refused or abandoned commit.
+LFS_UPLOAD_GRACE_S = 24 * 3600
 
 __all__ = ["Storage", "BlobStore", "check_name", "check_path", "check_ref", "git_blob_oid", "lfs_entry",
            "lfs_pointer", "now_iso", "read_json", "write_json"]
@@ -152,13 +158,22 @@ class Storage:
         self.collect_garbage()
 
     def collect_garbage(self) -> int:
-        """Remove blobs that no commit of any repo and no LFS marker references; returns how many were removed."""
+        """Remove blobs that no commit of any repo and no live LFS marker references; returns how many were removed."""
         def referenced():
+            stale = time.time() - LFS_UPLOAD_GRACE_S
             for repo in self.repos.glob("*/*/*"):
-                yield from (p.name for p in (repo / "lfs").glob("*"))
-                for path in (repo / "commits").glob("*.json"):
-                    record = read_json(path) or {"tree": {}}
-                    yield from (e["sha256"] for e in record["tree"].values())
+                committed = {e["sha256"] for path in (repo / "commits").glob("*.json")
+                             for e in (read_json(path) or {"tree": {}})["tree"].values()}
+                yield from committed
+                for marker in (repo / "lfs").glob("*"):
+                    try:
+                        recent = marker.stat().st_mtime >= stale
+                    except FileNotFoundError:  # its repo is being deleted
+                        continue
+                    if marker.name in committed or recent:
+                        yield marker.name
+                    else:  # uploaded for a commit that was refused or never came: marker and blob go
+                        marker.unlink(missing_ok=True)
         return self.blobs.collect(referenced)
 
     def list_repos(self, rtype: str) -> Iterator[dict]:
