@@ -309,9 +309,10 @@ def greedy_check(prompts, ref_greedy, ref_logprobs, got_greedy, got_forced) -> d
     decided = agree = 0
     noise, divergences = 0.0, []
     for i, (ids, ref, got) in enumerate(zip(prompts, ref_greedy, got_greedy)):
-        margin = step_margins(np.asarray(ref_logprobs[i])[len(ids) - 1: len(ids) - 1 + len(ref)], ref)
-        choice = np.asarray(got_forced[i])[len(ids) - 1: len(ids) - 1 + len(ref)].argmax(-1)
-        noise = max(noise, float(np.abs(margin - step_margins(np.asarray(got_forced[i])[len(ids) - 1: len(ids) - 1 + len(ref)], ref)).max(initial=0.0)))
+        steps = slice(len(ids) - 1, len(ids) - 1 + len(ref))  # the rows that predict the continuation's tokens
+        margin, forced = step_margins(np.asarray(ref_logprobs[i])[steps], ref), np.asarray(got_forced[i])[steps]
+        choice = forced.argmax(-1)
+        noise = max(noise, float(np.abs(margin - step_margins(forced, ref)).max(initial=0.0)))
         decided += int((margin > TIE_MARGIN).sum())
         agree += int(((margin > TIE_MARGIN) & (choice == np.asarray(ref))).sum())
         first = common_prefix(ref, got)
