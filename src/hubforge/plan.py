@@ -4,15 +4,15 @@
 
 The markdown form is the comment CI posts on a recipe pull request. Parameter counts come from the base's
 config (the local checkpoint when it is on disk, else `base.KNOWN_BASES`); memory is an estimate per GPU
-(weights + trainable state + activations + logits) with the formula's parts shown, not a measurement, for the
+(weights + trainable state + activations + loss head) with the formula's parts shown, not a measurement, for the
 recipe's own `compute` section and for each strategy of hubforge.compute, with the smallest set-up that fits
-each common GPU size.
+each common GPU size; training time on named GPU classes comes from hubforge.gpus (FLOPs / assumed utilisation).
 """
 from __future__ import annotations
 
 import json
 
-from hubforge import chat, compute, products
+from hubforge import chat, compute, gpus, products
 from hubforge.base import KNOWN_BASES, embedded_dir
 from hubforge.datarows import read_rows
 from hubforge.pipeline import STAGES
@@ -70,18 +70,28 @@ def parameter_counts(recipe: Recipe, a: dict) -> dict:
     return {"total": int(total), "trainable": int(trainable), "trainable_pct": round(100 * trainable / total, 3)}
 
 
+# Checked against published figures (tests/test_plan.py holds the estimates inside these bounds):
+#   Gemma 3 12B-it QLoRA (recipes/gemma-3-12b-it/turkish-alpaca-qlora.yaml: r 32, batch 2 x 4,096 tokens, gradient
+#   checkpointing, paged 8-bit AdamW) estimates ≈ 14 GiB. Floor: Unsloth's requirements page lists 7.5 GB (11B) and
+#   8.5 GB (14B) as the absolute minimum for QLoRA with its own kernels at small batches. Ceiling: a single 24 GB
+#   GPU, on which Gemma 3 12B QLoRA is commonly trained (Kaitchup, "Fine-Tuning Gemma 3 on Your Computer with LoRA
+#   and QLoRA", a 24 GB GPU), and the QLoRA paper (Dettmers et al. 2023) fits 65B in 48 GB, i.e. ~0.74 GB per
+#   billion parameters, ≈ 9 GB for 12B before activations. LLaMA-Factory's hardware table gives 12 GB for 13B QLoRA.
+#   Llama 3.1 8B QLoRA (recipes/llama-3.1-8b/persian-qa-qlora.yaml, batch 1 x 2,048) estimates ≈ 7 GiB against
+#   Unsloth's 6 GB minimum for 8B and Schmid's single-L4 (24 GB) runs of the same configuration at batch 4.
 def memory_estimate(recipe: Recipe, a: dict, params: dict, strategy: str | None = None, processes: int | None = None) -> dict:
     """GiB per GPU, for the recipe's compute section or the given strategy and process count; parts shown so a
     reviewer can check the arithmetic. Sharding strategies divide weights and/or trainable state (gradients,
-    optimizer) by the processes (compute.SHARDING); activations and logits are per GPU's own micro-batch."""
+    optimizer) by the processes (compute.SHARDING); activations and the loss head are per GPU's own micro-batch."""
     n = processes or recipe.compute.processes
     strategy = strategy or (recipe.compute.strategy if n > 1 else "single")
     shard_weights, shard_state = compute.SHARDING[strategy]
     t, m = recipe.train, recipe.method
     act_bytes = DTYPE_BYTES[t.precision]
     embed = a["vocab"] * a["hidden"]
-    if m.name == "qlora":  # bitsandbytes keeps embeddings/lm_head in 16-bit; NF4 + double-quant ≈ 4.13 bits
-        weights = embed * 2 + (params["total"] - embed) * 4.13 / 8
+    if m.name == "qlora":  # bitsandbytes keeps embeddings and lm_head in 16-bit; NF4 + double-quant ≈ 4.13 bits
+        kept = embed * (1 if a["tied"] else 2)
+        weights = kept * 2 + (params["total"] - kept) * 4.13 / 8
     else:
         weights = params["total"] * DTYPE_BYTES[recipe.base.dtype if t.precision == "fp32" else t.precision]
     optimizer_state = 2 if "8bit" in t.optimizer else 8
@@ -89,12 +99,31 @@ def memory_estimate(recipe: Recipe, a: dict, params: dict, strategy: str | None 
     tokens = t.batch_size * t.max_length
     per_layer = tokens * a["hidden"] * (2 if t.gradient_checkpointing else 34) * act_bytes / 2
     activations = a["layers"] * per_layer + (tokens * a["hidden"] * 34 * act_bytes / 2 if t.gradient_checkpointing else 0)
-    logits = tokens * a["vocab"] * 4 * 2  # fp32 logits and their gradient
     gib = lambda b: round(b / 2**30, 2)  # noqa: E731
     weights, trainable_state = weights / (n if shard_weights else 1), trainable_state / (n if shard_state else 1)
-    parts = {"weights": gib(weights), "trainable_state": gib(trainable_state), "activations": gib(activations), "logits": gib(logits)}
+    parts = {"weights": gib(weights), "trainable_state": gib(trainable_state), "activations": gib(activations),
+             "loss_head": gib(loss_head_bytes(recipe, a, tokens, act_bytes))}
     return {"total_gib": round(sum(parts.values()) * 1.1, 2), "parts_gib": parts, "overhead": "x1.1 for allocator/workspace",
             "strategy": strategy, "processes": n}
+
+
+# TRL 1.16's SFTTrainer always computes the loss through its fused LM head (trl/trainer/utils.py add_fused_lm_head,
+# trl/kernels/chunked_logprob.py): the (tokens, vocab) logits are never materialised. It projects 4,096 tokens x
+# 32,768 vocabulary entries at a time into one reused tile (forward, then again in backward), keeps a few fp32
+# numbers per token, and accumulates the gradient of the hidden states (and of the LM head when it is trained) in
+# fp32. The train stage sets nothing that turns it off (no label smoothing, no compute_loss_func, no Liger loss).
+TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
+
+
+def loss_head_bytes(recipe: Recipe, a: dict, tokens: int, act_bytes: int) -> float:
+    """Peak bytes of TRL's chunked loss head for one micro-batch of `tokens` (all of them scored: an upper bound,
+    since on CUDA only the positions that carry loss are projected)."""
+    tile = min(tokens, TRL_TOKEN_CHUNK) * min(a["vocab"], TRL_VOCAB_CHUNK) * act_bytes
+    per_token = tokens * (a["hidden"] * (act_bytes + 4) + 8 * 4)  # compacted hidden copy + its fp32 grad; statistics
+    m = recipe.method
+    mods = set(m.full.trainable_modules) if m.full else set()
+    head_trained = m.name == "full" and (not mods or "lm_head" in mods or (a["tied"] and "embed_tokens" in mods))
+    return tile + per_token + (a["vocab"] * a["hidden"] * 4 if head_trained else 0)
 
 
 GPU_SIZES_GIB = (24, 48, 80)
@@ -112,6 +141,28 @@ def strategy_estimates(recipe: Recipe, a: dict, params: dict) -> dict:
         found = next(((s, k, e) for s, k in options if (e := memory_estimate(recipe, a, params, s, k)["total_gib"]) <= size), None)
         fits[f"{size}GiB"] = ({"strategy": found[0], "processes": found[1], "per_gpu_gib": found[2]} if found else None)
     return {"processes": n, "per_gpu_gib": per, "fits": fits}
+
+
+def train_time(recipe: Recipe, a: dict, params: dict, tokens: dict, memory: dict) -> dict:
+    """Estimated hours on each named GPU class (hubforge.gpus), for the recipe's own process count. The tokens to
+    train: the counted local data, else max_steps x batch x grad_accum x max_length x processes (exact when packed,
+    else an upper bound); a Hub dataset with only epochs leaves the total to the data stage, so the time of one
+    optimizer step is given instead."""
+    t, n = recipe.train, recipe.compute.processes
+    step_tokens = t.batch_size * t.grad_accum * t.max_length * n
+    if tokens.get("tokens"):
+        total, basis = tokens["tokens"], "the train tokens counted above"
+    elif t.max_steps:
+        total, basis = t.max_steps * step_tokens, f"{t.max_steps} steps × {step_tokens:,} tokens (upper bound unless packed)"
+    else:
+        total, basis = None, f"one optimizer step of ≤ {step_tokens:,} tokens; the total needs the data stage's token count"
+    m, ckpt = recipe.method, t.gradient_checkpointing
+    flops = gpus.flops_per_token(a, params, m.name, t.max_length, ckpt, m.is_adapter)
+    per_gpu = {gpu.name: gpus.on_gpu(gpu, precision=t.precision, need_gib=memory["total_gib"], tokens=total or step_tokens,
+                                     micro_batch_tokens=t.batch_size * t.max_length, processes=n, flops=flops,
+                                     params=params, checkpointing=ckpt) for gpu in gpus.GPUS}
+    return {"tokens": total, "per": "run" if total else "step", "basis": basis, "processes": n, "mfu": gpus.MFU,
+            "gflop_per_token": round(flops["total"] / 1e9, 2), "gpus": per_gpu}
 
 
 def disk_estimate(recipe: Recipe, params: dict) -> dict:
@@ -162,6 +213,7 @@ def _text_of(row) -> str:
 def build_plan(recipe: Recipe) -> dict:
     a = architecture(recipe)
     params = parameter_counts(recipe, a) if a else None
+    memory, tokens = (memory_estimate(recipe, a, params) if a else None), token_estimate(recipe)
     m = recipe.method
     planned = products.planned_repos(recipe)
     return {
@@ -179,10 +231,11 @@ def build_plan(recipe: Recipe) -> dict:
         "estimates": {
             "architecture_source": a["source"] if a else None,
             "parameters": params,
-            "gpu_memory": memory_estimate(recipe, a, params) if a else None,
+            "gpu_memory": memory,
             "strategies": strategy_estimates(recipe, a, params) if a else None,
             "disk": disk_estimate(recipe, params) if params else None,
-            "train_tokens": token_estimate(recipe),
+            "train_tokens": tokens,
+            "train_time": train_time(recipe, a, params, tokens, memory) if a else None,
         },
     }
 
@@ -251,6 +304,7 @@ def render(plan: dict, fmt: str) -> str:
         *([("Per GPU by strategy", _strategies(est["strategies"])), ("Fits on", _fits(est["strategies"]))] if est.get("strategies") else []),
         ("Disk (est.)", f"≈ {disk['total_mb']:,} MB (adapter {disk['adapter_mb']}, checkpoints {disk['checkpoints_mb']}, merged {disk['merged_mb']}, GGUF {sum(disk['gguf_mb'].values()):.1f})" if disk else "—"),
         ("Train tokens", f"≈ {tok['tokens']:,} over {tok['rows']} rows ({tok['how']})" if tok.get("tokens") else tok["how"]),
+        *([("Train time (est.)", _times(tt)), ("Time model", _time_model(tt))] if (tt := est.get("train_time")) else []),
     ]
     rows += [("Warning", w) for w in plan["warnings"]] + [("PROBLEM", p) for p in plan["problems"]]
     if skipped := tok.get("skipped"):
@@ -271,11 +325,25 @@ def _strategies(s: dict) -> str:
 def _fits(s: dict) -> str:
     def one(fit):
         if fit is None:
-            return "no (activations + logits alone exceed it: lower train.batch_size or max_length)"
+            return "no (activations + loss head alone exceed it: lower train.batch_size or max_length)"
         if fit["processes"] == 1:
             return f"1 GPU (≈ {fit['per_gpu_gib']} GiB)"
         return f"{fit['strategy']} × {fit['processes']} (≈ {fit['per_gpu_gib']} GiB each)"
     return "; ".join(f"{size.replace('GiB', ' GiB')}: {one(fit)}" for size, fit in s["fits"].items())
+
+
+def _times(tt: dict) -> str:
+    def one(r):
+        if not r["fits"]:
+            return r["why"]
+        return f"≈ {gpus.duration(r['seconds'])}" + ("/step" if tt["per"] == "step" else "")
+    where = f"{tt['processes']} × " if tt["processes"] > 1 else ""
+    return "; ".join(f"{where}{name}: {one(r)}" for name, r in tt["gpus"].items())
+
+
+def _time_model(tt: dict) -> str:
+    return (f"{tt['gflop_per_token']:.1f} GFLOP per token (hubforge.gpus.flops_per_token) at {tt['mfu'] * 100:.0f} % of "
+            f"each GPU's dense peak; tokens: {tt['basis']}")
 
 
 def plan_text(recipe: Recipe, fmt: str = "text") -> str:
