@@ -74,11 +74,11 @@ def parameter_counts(recipe: Recipe, a: dict) -> dict:
 #   Gemma 3 12B-it QLoRA (recipes/gemma-3-12b-it/turkish-alpaca-qlora.yaml: r 32, batch 2 x 4,096 tokens, gradient
 #   checkpointing, paged 8-bit AdamW) estimates ≈ 14 GiB. Floor: Unsloth's requirements page lists 7.5 GB (11B) and
 #   8.5 GB (14B) as the absolute minimum for QLoRA with its own kernels at small batches. Ceiling: a single 24 GB
-#   GPU, on which Gemma 3 12B QLoRA is commonly trained (Kaitchup, "Fine-Tuning Gemma 3 on Your Computer with LoRA
-#   and QLoRA", a 24 GB GPU), and the QLoRA paper (Dettmers et al. 2023) fits 65B in 48 GB, i.e. ~0.74 GB per
-#   billion parameters, ≈ 9 GB for 12B before activations. LLaMA-Factory's hardware table gives 12 GB for 13B QLoRA.
-#   Llama 3.1 8B QLoRA (recipes/llama-3.1-8b/persian-qa-qlora.yaml, batch 1 x 2,048) estimates ≈ 7 GiB against
-#   Unsloth's 6 GB minimum for 8B and Schmid's single-L4 (24 GB) runs of the same configuration at batch 4.
+#   GPU, the target of Kaitchup's "Fine-Tuning Gemma 3 on Your Computer with LoRA and QLoRA" (and of this recipe's
+#   header). In between: the QLoRA paper (Dettmers et al. 2023) fits 65B in 48 GB, ~0.74 GB per billion parameters,
+#   ≈ 9 GB for 12B; LLaMA-Factory's hardware table gives 12 GB for 13B QLoRA (both at their own, shorter batches).
+#   Llama 3.1 8B QLoRA (recipes/llama-3.1-8b/persian-qa-qlora.yaml, batch 1 x 2,048) estimates ≈ 7.6 GiB against
+#   Unsloth's 6 GB minimum for 8B and Schmid's single-L4 (24 GB) Llama 3.1 8B QLoRA runs at batch 4 x 1,024.
 def memory_estimate(recipe: Recipe, a: dict, params: dict, strategy: str | None = None, processes: int | None = None) -> dict:
     """GiB per GPU, for the recipe's compute section or the given strategy and process count; parts shown so a
     reviewer can check the arithmetic. Sharding strategies divide weights and/or trainable state (gradients,
