@@ -171,7 +171,8 @@ def test_qa_metrics_need_squad_data():
 # ---------------------------------------------------------------- local paths: one rule for every path field
 def test_the_schema_marks_every_path_field():
     assert dict(R.path_fields()) == {("base", "model"): "local-folder", ("data", "files", "*"): "file",
-                                     ("eval", "lm_eval", "include_path"): "folder"}
+                                     ("eval", "lm_eval", "include_path"): "folder",
+                                     ("export", "gguf", "imatrix", "file"): "file"}
 
 
 @pytest.fixture

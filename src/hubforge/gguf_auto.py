@@ -20,9 +20,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Types tried per group, smallest first. K-quants need rows that are a multiple of 256 values, the others 32: a group
-# whose rows do not fit a type is not offered it (llama.cpp would silently fall back to another type).
-CANDIDATES = ("Q4_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0")
+# Types tried per group, smallest first. K-quants need rows that are a multiple of 256 values, the others 32; a
+# group gets the K family when all its rows allow it, otherwise the 32-value family (llama.cpp would silently fall
+# back to another type). Gemma 3 270M's rows are 640 long, so most of its tensors, the embedding among them, can
+# only take the 32-value types (Q4_K_M of that model is Q5_0 and Q8_0 in most tensors for this reason).
+K_CANDIDATES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
+BLOCK32_CANDIDATES = ("IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
+CANDIDATES = K_CANDIDATES + BLOCK32_CANDIDATES
+# Groups smaller than this share of the reference file stay at the reference type: probing them costs as much as
+# probing the embedding, and shrinking them cannot move the file size by much.
+MIN_SHARE = 0.03
 REFERENCE = "Q8_0"
 # Tensor groups: name -> regex llama-quantize matches against tensor names. token_embd goes through
 # --token-embedding-type (it is also the output matrix when the embeddings are tied, as in Gemma).
@@ -106,29 +113,35 @@ def overrides(choice: dict[str, Option], groups: list[Group]) -> dict:
     return {"tensor_types": tensor_types, "token_embedding_type": choice["token_embd"].type if "token_embd" in choice else None}
 
 
-def tensor_groups(gguf_path: Path, candidates=CANDIDATES, per_layer: tuple[str, ...] = ()) -> list[Group]:
+def tensor_groups(gguf_path: Path, per_layer: tuple[str, ...] = (), min_share: float = MIN_SHARE) -> list[Group]:
     """The file's quantizable tensors in GROUPS (kinds listed in `per_layer` split into one group per block), each
-    with the candidate types its row length allows and their exact sizes; costs are left empty."""
+    with the candidate types its rows allow (K_CANDIDATES or BLOCK32_CANDIDATES) and their exact sizes; costs are
+    left empty. Groups under `min_share` of the file at the reference type are left out (they stay at it)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
+    def size(qtype: str, shapes: list) -> int:
+        block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+        return sum(math.prod(s) // block * nbytes for s in shapes)
+
     members: dict[str, tuple[str, list]] = {}
+    reference_total = 0
     for t in GGUFReader(gguf_path).tensors:
+        shape = [int(x) for x in t.shape]
         kind = next((k for k, p in GROUPS.items() if re.search(p, t.name)), None)
+        reference_total += size(REFERENCE, [shape]) if len(shape) > 1 else math.prod(shape) * 4
         if kind is None:
             continue
         layer = re.match(r"blk\.(\d+)\.", t.name)
         name, pattern = kind, GROUPS[kind]
         if kind in per_layer and layer:
             name, pattern = f"{kind}.{layer.group(1)}", rf"^blk\.{layer.group(1)}\.{kind}\.weight$"
-        members.setdefault(name, (pattern, []))[1].append([int(x) for x in t.shape])
+        members.setdefault(name, (pattern, []))[1].append(shape)
     groups = []
     for name, (pattern, shapes) in members.items():
-        options = []
-        for qtype in candidates:
-            block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
-            if all(shape[0] % block == 0 for shape in shapes):  # shape[0] is the row length (ggml's ne[0])
-                options.append(Option(qtype, sum(math.prod(s) // block * nbytes for s in shapes)))
-        groups.append(Group(name, pattern, sorted(options, key=lambda o: o.size)))
+        family = K_CANDIDATES if all(s[0] % 256 == 0 for s in shapes) else BLOCK32_CANDIDATES  # s[0]: ggml's ne[0]
+        if all(s[0] % 32 == 0 for s in shapes) and size(REFERENCE, shapes) >= min_share * reference_total:
+            options = [Option(q, size(q, shapes)) for q in family]
+            groups.append(Group(name, pattern, sorted(options, key=lambda o: o.size)))
     return groups
 
 
@@ -139,9 +152,11 @@ def metrics(measured: dict) -> dict[str, float]:
 
 
 def measure_costs(f16: Path, work: Path, base_logits: Path, groups: list[Group], *, log: Path, imatrix: Path | None = None,
-                  ctx: int = 512, progress=print) -> dict[str, float]:
-    """Fill each option's cost (one quantize + one KL run per group and type below the reference); returns the
-    reference file's own metrics (the baseline the costs add to)."""
+                  limits: dict[str, float] | None = None, ctx: int = 512, progress=print) -> dict[str, float]:
+    """Fill each option's cost (one quantize + one KL run per group and type below the reference, largest type
+    first); returns the reference file's own metrics (the baseline the costs add to). With `limits`, a group's
+    smaller types are not tried once one type alone breaks them (smaller ones would only cost more): those options
+    are dropped from the group."""
     from hubforge import llamatools
 
     def run(name: str, **kw) -> dict:
@@ -154,19 +169,22 @@ def measure_costs(f16: Path, work: Path, base_logits: Path, groups: list[Group],
 
     baseline = run("reference")
     for g in groups:
-        for opt in g.options:
-            if opt.type == REFERENCE:
-                continue
-            kw = overrides({g.name: opt}, groups)
-            got = run(f"{g.name}-{opt.type}", **kw)
-            opt.cost = {m: max(0.0, got[m] - baseline[m]) for m in baseline}
-            progress(f"  {g.name:14} {opt.type:5} {opt.size / 2**20:7.1f} MB  " +
-                     "  ".join(f"{m} +{v:.4f}" for m, v in opt.cost.items()))
+        kept = []
+        for opt in sorted(g.options, key=lambda o: -o.size):
+            if opt.type != REFERENCE:
+                got = run(f"{g.name}-{opt.type}", **overrides({g.name: opt}, groups))
+                opt.cost = {m: max(0.0, got[m] - baseline[m]) for m in baseline}
+                progress(f"  {g.name:14} {opt.type:6} {opt.size / 2**20:7.1f} MiB  " +
+                         "  ".join(f"{m} +{v:.4f}" for m, v in opt.cost.items()))
+            kept.append(opt)
+            if limits and not fits({g.name: opt}, limits, baseline):
+                break
+        g.options = sorted(kept, key=lambda o: o.size)
     return baseline
 
 
 def auto(f16: Path, work: Path, base_logits: Path, limits: dict[str, float], *, log: Path, out: Path | None = None,
-         imatrix: Path | None = None, ftype: str = "Q4_K_M", per_layer: tuple[str, ...] = (), tries: int = 3,
+         imatrix: Path | None = None, ftype: str = REFERENCE, per_layer: tuple[str, ...] = (), tries: int = 3,
          ctx: int = 512, progress=print) -> dict:
     """Measure, choose, build and verify. Each failed verification tightens the violated limits by the ratio of
     estimate to measurement and chooses again. Returns {file, size, types, quantize_args, estimate, measured,
@@ -177,7 +195,8 @@ def auto(f16: Path, work: Path, base_logits: Path, limits: dict[str, float], *, 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     groups = tensor_groups(f16, per_layer=per_layer)
-    baseline = measure_costs(f16, work, base_logits, groups, log=log, imatrix=imatrix, ctx=ctx, progress=progress)
+    baseline = measure_costs(f16, work, base_logits, groups, log=log, imatrix=imatrix, limits=limits, ctx=ctx,
+                             progress=progress)
     out = Path(out or work / "auto.gguf")
     budget = dict(limits)
     for attempt in range(1, tries + 1):

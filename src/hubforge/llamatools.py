@@ -129,11 +129,12 @@ def _threads(threads: int | None) -> str:
 
 
 def imatrix(f16_gguf: Path, text_file: Path, out: Path, *, log: Path, ctx: int = 512, chunks: int | None = None,
-            threads: int | None = None) -> float:
+            threads: int | None = None, process_output: bool = False) -> float:
     """Importance matrix (GGUF format) of `f16_gguf` over `text_file`, special tokens parsed (chat markers stay
-    control tokens); `chunks` caps the token budget at chunks * ctx. Returns seconds."""
+    control tokens); `chunks` caps the token budget at chunks * ctx; `process_output` also records `output.weight`
+    (see hubforge.gguf_imatrix for tied heads). Returns seconds."""
     cmd = [tool("llama-imatrix"), "-m", f16_gguf, "-f", text_file, "-o", out, "-c", ctx, "-t", _threads(threads),
-           "--parse-special", "--no-ppl"]
+           "--parse-special", "--no-ppl"] + (["--process-output"] if process_output else [])
     seconds, _ = _run(cmd + (["--chunks", chunks] if chunks else []), log, f"llama-imatrix on {Path(text_file).name}")
     if not Path(out).is_file():
         raise LlamaToolError(f"llama-imatrix wrote no {out} (is {text_file} at least {2 * ctx} tokens long?); log: {log}")

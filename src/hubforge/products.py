@@ -39,7 +39,8 @@ MODEL_KINDS = ("adapter", "merged", "gguf")  # the model repos, in publishing or
 # estimate and the gguf stage's disk check.
 GGUF_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54, "Q5_0": 5.5,
              "Q5_1": 6.0, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.27, "Q3_K_M": 3.91,
-             "Q3_K_S": 3.5, "Q2_K": 3.35, "IQ4_NL": 4.5, "TQ1_0": 1.69, "TQ2_0": 2.06}
+             "Q3_K_S": 3.5, "Q2_K": 3.35, "IQ4_NL": 4.5, "TQ1_0": 1.69, "TQ2_0": 2.06,
+             "AUTO": 8.5}  # AUTO: at most its Q8_0 reference
 
 
 def repo_ids(recipe) -> dict[str, str]:
@@ -108,8 +109,20 @@ def gguf_name(recipe, qtype: str) -> str:
 LORA_GGUF_TYPE = "LoRA-F16"
 
 
+AUTO_GGUF_TYPE = "AUTO"  # the KL-budgeted per-tensor mixture (export.gguf.auto)
+
+
+def imatrix_name(recipe) -> str:
+    """`<name>.imatrix`: the importance matrix (llama.cpp's GGUF imatrix format; not named .gguf, so model pickers
+    that list a repo's .gguf files do not offer it as a model)."""
+    return f"{recipe.name}.imatrix"
+
+
 def gguf_types(recipe) -> list[str]:
-    return [recipe.export.gguf.outtype] + list(recipe.export.gguf.quants)
+    """The model types the gguf stage writes: the full-precision file, each quant, then the AUTO mixture (only
+    published when its measurement meets the budget)."""
+    auto = [AUTO_GGUF_TYPE] if recipe.export.gguf.auto.enabled else []
+    return [recipe.export.gguf.outtype] + list(recipe.export.gguf.quants) + auto
 
 
 def gguf_files(recipe) -> list[str]:
@@ -117,6 +130,7 @@ def gguf_files(recipe) -> list[str]:
     if gguf_skip_reason(recipe) is not None:
         return []
     files = [gguf_name(recipe, t) for t in gguf_types(recipe)]
+    files += [imatrix_name(recipe)] if recipe.export.gguf.imatrix.enabled else []
     return files + ([gguf_name(recipe, LORA_GGUF_TYPE)] if recipe.export.gguf.lora else [])
 
 
@@ -143,6 +157,7 @@ def repo_contents(recipe, run_dir) -> dict[str, list[tuple[str, Path]]]:
         out["merged"] = folder_files(run_dir, merge.get("model_dir") or "merge/model")
     if run_dir.stage("gguf")["status"] == "done":
         rels = [f["file"] for f in gguf.get("files") or []] + [(gguf.get("lora_gguf") or {}).get("file")]
+        rels += [(gguf.get("imatrix") or {}).get("file")]
         rels += [gguf["quality"]] if gguf.get("quality") else []
         out["gguf"] = [(Path(r).name, run_dir.path / r) for r in rels if r]
     return out

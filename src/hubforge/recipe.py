@@ -180,10 +180,27 @@ class Eval:
 
 
 @dataclass(frozen=True)
+class GgufImatrix:
+    enabled: bool
+    file: str | None
+    max_tokens: int
+    compare_plain: bool
+
+
+@dataclass(frozen=True)
+class GgufAuto:
+    enabled: bool
+    min_top1: float
+    max_ppl_increase: float
+
+
+@dataclass(frozen=True)
 class Gguf:
     enabled: bool
     outtype: str
     quants: tuple[str, ...]
+    imatrix: GgufImatrix
+    auto: GgufAuto
     lora: bool
 
 

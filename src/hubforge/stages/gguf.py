@@ -19,16 +19,20 @@ export.gguf.lora also `<name>-LoRA-F16.gguf`, and `quality.json`: the quant qual
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import time
 from contextlib import closing
 from pathlib import Path
 
-from hubforge import chat, llamacpp, products
+from hubforge import chat, gguf_auto, gguf_imatrix, llamacpp, llamatools, products
 from hubforge.errors import StageError
 from hubforge.models import count_params, resolve_base
+from hubforge.recipe import confine
 from hubforge.rundir import sha256_file
-from hubforge.scoring import PPL_TOKENS, perplexity, prompt_ids, scored_held_out, stop_ids, teacher_forced
+from hubforge.scoring import (PPL_TOKENS, held_out_rows, perplexity, prompt_ids, read_jsonl, scored_held_out, stop_ids,
+                              teacher_forced)
 PROBE_TEXTS = (
     "سلام! می‌خواهم ۱۲۳ کتاب و ٤٥٦ دفتر بخرم؛ نیم‌فاصله‌ها مهم‌اند.",  # Persian, ZWNJ, Persian + Arabic-Indic digits
     "İstanbul'da ılık bir gün: ŞİŞLİ, Iğdır, çöğüş, İı.",  # Turkish dotted/dotless i
@@ -55,6 +59,9 @@ MAX_MEAN_KL = 1e-3
 # (tests/test_gguf_embedded.py, 3 prompts x 16 tokens): max 0.025. Every run records it again as `margin_noise_max`.
 # 0.1 is 4x the largest seen; a file that computes another function moves margins far more and fails the KL gate too.
 TIE_MARGIN = 0.1
+# llama-perplexity scores the second half of each ctx-token chunk and needs two chunks: the held-out text is read
+# with the largest of these that fits it; below the smallest, llama.cpp's own columns are left out.
+KL_CTX, MIN_KL_CTX = (512, 256, 128), 128
 
 
 # The recipe sections this stage reads (part of its cache key; tests/test_layers.py checks it reads no other).
@@ -64,7 +71,7 @@ SECTIONS = ('name', 'base', 'data', 'eval', 'export', 'method', 'train')
 def run(recipe, run_dir) -> dict:
     try:
         return export(recipe, run_dir)
-    except llamacpp.LlamaCppError as exc:  # missing scripts, converter/quantizer refusals: user-facing
+    except (llamacpp.LlamaCppError, llamatools.LlamaToolError) as exc:  # missing tools, refusals: user-facing
         raise StageError(str(exc)) from None
 
 
@@ -111,11 +118,48 @@ def export(recipe, run_dir) -> dict:
                          "folder has the base's tokenizer.model (a Gemma checkpoint with only tokenizer.json converts "
                          "wrongly).")
 
-    # ---- quantize
-    files = [(cfg.outtype, full)]
+    # ---- llama.cpp's own measurement: reference log-probabilities of the full-precision file on held-out text
+    log = out / "llama.log"  # everything llama.cpp's tools print (hundreds of lines); the terminal gets one per step
+    log.unlink(missing_ok=True)
+    heldout, kl_ctx, kl_text = llama_text(held_out_rows(run_dir), tokenizer, template, work / "heldout.txt", special=False)
+    kl_base = work / "f16.kld"
+    if kl_ctx:
+        seconds["kl_reference"] = llamatools.kld_base(full, heldout, kl_base, log=log, ctx=kl_ctx)["seconds"]
+    elif cfg.auto.enabled:
+        raise StageError(f"export.gguf.auto needs at least {2 * MIN_KL_CTX} held-out tokens to measure files on; the run "
+                         f"has {kl_text['tokens']} (data/eval.jsonl). Raise data.eval_fraction or set export.gguf.auto."
+                         "enabled: false.")
+
+    # ---- importance matrix on calibration text (the training split unless the recipe names a file)
+    imatrix = imatrix_info = None
+    if cfg.imatrix.enabled:
+        calib, ctx, calib_info = calibration_text(recipe, run_dir, tokenizer, template, work / "calibration.txt")
+        imatrix = out / products.imatrix_name(recipe)
+        done = gguf_imatrix.compute(full, calib, imatrix, log=log, ctx=ctx, chunks=max(1, cfg.imatrix.max_tokens // ctx))
+        seconds["imatrix"] = done["seconds"]
+        imatrix_info = {"file": str(imatrix.relative_to(run_dir.path)), "sha256": sha256_file(imatrix),
+                        "calibration": calib_info, "tied_output_head": done["tied_head"], "tensors": done["tensors"]}
+        say(f"importance matrix: {calib_info['tokens']} tokens of {calib_info['source']} ({done['seconds']:.0f} s)")
+
+    # ---- quantize (with the matrix), and the same type without it for comparison
+    files, plain = [(cfg.outtype, full)], {}
     for qtype in cfg.quants:
         files.append((qtype, out / products.gguf_name(recipe, qtype)))
-        seconds[qtype] = llamacpp.quantize(full, files[-1][1], qtype)
+        seconds[qtype] = llamatools.quantize(full, files[-1][1], qtype, log=log, imatrix=imatrix)
+        if imatrix and cfg.imatrix.compare_plain and kl_ctx:
+            llamatools.quantize(full, work / "plain.gguf", qtype, log=log)
+            plain[qtype] = kl_columns(llamatools.kld(work / "plain.gguf", kl_base, log=log, ctx=kl_ctx))
+            plain[qtype]["size"] = (work / "plain.gguf").stat().st_size
+
+    # ---- the smallest per-tensor mixture that meets the recipe's budget, measured before it counts
+    auto = None
+    if cfg.auto.enabled:
+        auto = auto_mixture(recipe, full, work, kl_base, kl_ctx, imatrix, log, out)
+        seconds["auto"] = auto.pop("seconds")
+        if auto["meets"]:
+            files.append((products.AUTO_GGUF_TYPE, out / products.gguf_name(recipe, products.AUTO_GGUF_TYPE)))
+    llama_kl = {qtype: kl_columns(llamatools.kld(path, kl_base, log=log, ctx=kl_ctx)) if kl_ctx else None
+                for qtype, path in files}
 
     # ---- every file loads, generates and is measured against the merged HF model
     ppl_ids, ppl_masks, held_out = scored_held_out(recipe, run_dir, tokenizer, template,
@@ -128,6 +172,11 @@ def export(recipe, run_dir) -> dict:
     for row in rows:
         row["delta_ppl_vs_f16"] = round(row["perplexity"] - rows[0]["perplexity"], 6)
         row["recommended"] = row is rows[0] or row["top1_agreement_vs_hf"] >= MIN_TOP1_RECOMMENDED
+        row["imatrix"] = imatrix is not None and row is not rows[0]
+        row["llama_cpp"] = llama_kl[row["type"]]
+        row["without_imatrix"] = plain.get(row["type"])
+        if row["type"] == products.AUTO_GGUF_TYPE:
+            row["quantize_args"], row["tensor_types"] = auto["quantize_args"], auto["types"]
     decisive = [d for d in rows[0]["greedy_divergences"] if not d["tie"]]
     if decisive or rows[0]["kl_vs_hf"] > MAX_MEAN_KL:
         bad = decisive[0]["prompt"] - 1 if decisive else 0
@@ -158,11 +207,113 @@ def export(recipe, run_dir) -> dict:
                                                "continuation (rounding noise for a faithful file)",
                            "recommended": f"top1_agreement_vs_hf >= {MIN_TOP1_RECOMMENDED} (always for the full-precision file)"},
                "tie_margin": TIE_MARGIN,
+               "llama_cpp_kld": {"text": kl_text, "ctx": kl_ctx or None, "log": "gguf/llama.log",
+                                 "columns": {"mean_kld": "mean KL(F16 || file) per position (llama-perplexity "
+                                                         "--kl-divergence)", "p99_kld": "99th percentile of the KL",
+                                             "same_top": "share of positions where the file's top token is the F16 "
+                                                         "file's", "ppl": "the file's perplexity on this text",
+                                             "ln_ppl_ratio": "mean ln(PPL(file) / PPL(F16))"}},
+               "imatrix": imatrix_info, "auto": auto,
                "files": [{k: v for k, v in r.items() if k != "greedy"} for r in rows]}
     (out / "quality.json").write_text(json.dumps(quality, indent=2, ensure_ascii=False), "utf-8")
+    for row in rows:
+        say(verdict(row))
     return {"files": quality["files"], "quality": "gguf/quality.json", "held_out": held_out, "tokenizer_probe": probe,
+            "imatrix": imatrix_info, "auto": auto and {k: auto[k] for k in ("meets", "size", "types")},
             "lora_gguf": lora, "outtype": cfg.outtype, "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "converter": f"llama.cpp from the llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION} sdist"}
+
+
+# ---------------------------------------------------------------- llama.cpp's tools: texts, matrix, mixture
+def say(message: str) -> None:
+    print(f"[gguf] {message}", flush=True)
+
+
+def llama_text(rows: list[dict], tokenizer, template, dest: Path, *, special: bool,
+               max_tokens: int | None = None) -> tuple[Path, int, dict]:
+    """Rows as training tokenised them, decoded into one text file for llama.cpp's tools; the context size to read
+    it with (the largest of KL_CTX giving two chunks, 0 when it is too short) and a description.
+    special=True keeps the control tokens (llama-imatrix parses them) minus the first BOS (llama.cpp adds one);
+    False drops them: llama-perplexity reads text as text, and would score the spelled-out pieces of
+    `<start_of_turn>`, positions no user ever sees."""
+    pieces, tokens = [], 0
+    for row in rows:
+        ids = chat.token_ids(tokenizer, {k: v for k, v in row.items() if k != "qa"}, template)
+        pieces.append(tokenizer.decode(ids, skip_special_tokens=not special))
+        tokens += len(ids)
+        if max_tokens and tokens >= max_tokens:
+            break
+    text = "".join(pieces)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text.removeprefix(tokenizer.bos_token or "") if special else text, "utf-8")
+    ctx = next((c for c in KL_CTX if tokens >= 2 * c), 0)
+    return dest, ctx, {"rows": len(pieces), "tokens": tokens}
+
+
+def calibration_text(recipe, run_dir, tokenizer, template, dest: Path) -> tuple[Path, int, dict]:
+    """The importance matrix's text: export.gguf.imatrix.file, else the training split as training saw it."""
+    cfg = recipe.export.gguf.imatrix
+    if cfg.file:
+        try:
+            path = confine(recipe.root, cfg.file)  # checked when the recipe loaded; the tree may have changed since
+        except ValueError as exc:
+            raise StageError(f"export.gguf.imatrix.file: {exc}") from None
+        text = path.read_text("utf-8")
+        tokens = len(tokenizer(text)["input_ids"])
+        dest.write_text(text, "utf-8")
+        info = {"source": cfg.file, "rows": None, "tokens": tokens}
+        ctx = next((c for c in KL_CTX if tokens >= 2 * c), 0)
+    else:
+        if not (run_dir.path / "data" / "train.jsonl").is_file():
+            raise StageError(f"export.gguf.imatrix calibrates on the training split, and {run_dir.path}/data/train.jsonl "
+                             "is missing: run the data stage again, or name export.gguf.imatrix.file")
+        rows = read_jsonl(run_dir.path / "data" / "train.jsonl")
+        dest, ctx, info = llama_text(rows, tokenizer, template, dest, special=True, max_tokens=cfg.max_tokens)
+        info = {"source": "the training split (data/train.jsonl) rendered with the chat template", **info}
+    if not ctx:
+        raise StageError(f"export.gguf.imatrix: the calibration text has {info['tokens']} tokens, fewer than the "
+                         f"{2 * MIN_KL_CTX} llama-imatrix needs; name a longer export.gguf.imatrix.file or set "
+                         "export.gguf.imatrix.enabled: false")
+    return dest, ctx, {**info, "ctx": ctx, "chunks": min(info["tokens"], recipe.export.gguf.imatrix.max_tokens) // ctx}
+
+
+def kl_columns(measured: dict) -> dict:
+    return {k: measured[k] for k in ("mean_kld", "p99_kld", "same_top", "ppl", "ln_ppl_ratio")}
+
+
+def auto_mixture(recipe, full: Path, work: Path, kl_base: Path, ctx: int, imatrix: Path | None, log: Path,
+                 out: Path) -> dict:
+    """export.gguf.auto: the smallest per-tensor mixture whose llama.cpp measurement on the held-out text meets the
+    budget (hubforge.gguf_auto). A file that misses it is deleted: it is recorded, never published."""
+    cfg = recipe.export.gguf.auto
+    limits = {"disagree": round(1 - cfg.min_top1, 6), "ln_ppl_ratio": round(math.log1p(cfg.max_ppl_increase), 6)}
+    dest = out / products.gguf_name(recipe, products.AUTO_GGUF_TYPE)
+    start = time.monotonic()
+    say(f"auto: searching per-tensor types for same-top >= {cfg.min_top1:g} and perplexity <= +{cfg.max_ppl_increase:.0%} "
+        f"(each probe: one quantize + one KL run; details in {log.name})")
+    try:
+        with open(log, "a", encoding="utf-8") as fh:
+            got = gguf_auto.auto(full, work / "auto", kl_base, limits, log=log, out=dest, imatrix=imatrix, ctx=ctx,
+                                 progress=lambda m: print(m, file=fh, flush=True))
+    except ValueError as exc:  # no mixture of the candidate types meets the budget by the measured costs
+        return {"meets": False, "reason": str(exc), "limits": limits, "size": None, "types": None,
+                "seconds": round(time.monotonic() - start, 1)}
+    if not got["meets"]:
+        dest.unlink(missing_ok=True)
+    probes = sum(1 for g in got["groups"] for o in g["options"] if o["cost"])
+    say(f"auto: {'found' if got['meets'] else 'no file meets the budget; best try'} {got['size'] / 2**20:.1f} MiB "
+        f"after {probes} probes and {got['tries']} tries ({time.monotonic() - start:.0f} s)")
+    return {"meets": got["meets"], "limits": limits, "size": got["size"], "types": got["types"],
+            "quantize_args": ["llama-quantize", *got["quantize_args"], full.name, dest.name, gguf_auto.REFERENCE],
+            "estimate": got["estimate"], "measured": kl_columns(got["measured"]), "tries": got["tries"],
+            "probes": probes, "groups": got["groups"], "seconds": round(time.monotonic() - start, 1)}
+
+
+def verdict(row: dict) -> str:
+    kl = row.get("llama_cpp") or {}
+    same = f", same top {kl['same_top']:.1%}" if kl else ""
+    return (f"{Path(row['file']).name}: {row['size'] / 2**20:.1f} MiB, next-token agreement {row['top1_agreement_vs_hf']:.0%}"
+            f"{same}, perplexity {row['perplexity']:.3g}" + ("" if row["recommended"] else " (not recommended)"))
 
 
 # ---------------------------------------------------------------- checks
