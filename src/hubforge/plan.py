@@ -321,7 +321,7 @@ def render(plan: dict, fmt: str) -> str:
          + (f" per GPU ({mem['processes']} processes, {mem['strategy']})" if mem["processes"] > 1 else "") if mem else "—"),
         *([("Per GPU by strategy", _strategies(est["strategies"])), ("Fits on", _fits(est["strategies"]))] if est.get("strategies") else []),
         ("Disk (est.)", f"≈ {disk['total_mb']:,} MB (adapter {disk['adapter_mb']}, checkpoints {disk['checkpoints_mb']}, merged {disk['merged_mb']}, GGUF {sum(disk['gguf_mb'].values()):.1f})" if disk else "—"),
-        ("Train tokens", f"≈ {tok['tokens']:,} over {tok['rows']} rows ({tok['how']})" if tok.get("tokens") else tok["how"]),
+        ("Train tokens", f"≈ {tok['tokens']:,} over {tok['rows']:,} rows ({tok['how']})" if tok.get("tokens") else tok["how"]),
         *([("Train time (est.)", _times(tt)), ("Time model", _time_model(tt))] if (tt := est.get("train_time")) else []),
     ]
     rows += [("Warning", w) for w in plan["warnings"]] + [("PROBLEM", p) for p in plan["problems"]]
