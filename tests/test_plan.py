@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from hubforge import hubdata
 from hubforge.cli import app
 from hubforge.plan import build_plan, parameter_counts, render
 from hubforge.recipe import find_recipes, load_recipe
@@ -102,12 +103,14 @@ def test_8b_qlora_time_on_l4_lands_near_the_published_run():
     assert l4["fits"] and 90 * 60 <= l4["seconds"] <= 180 * 60, l4
 
 
-def test_hub_dataset_with_epochs_gets_a_time_per_step_and_gpus_too_small_are_marked():
-    recipe = load_recipe(QLORA_12B, overrides=["train.precision=fp16", "train.batch_size=4"])
+def test_unknown_hub_dataset_gets_a_time_per_step_with_the_reason_and_gpus_too_small_are_marked():
+    recipe = load_recipe(QLORA_12B, overrides=["train.precision=fp16", "train.batch_size=4",
+                                               "data.hub=someone/not-in-the-table"])
     plan = build_plan(recipe)
     need, tt = plan["estimates"]["gpu_memory"]["total_gib"], plan["estimates"]["train_time"]
     assert 16 < need < 24, need  # a T4 is too small, the 24 GB cards are not
     assert tt["per"] == "step" and tt["tokens"] is None
+    assert "no total: dataset someone/not-in-the-table is not in hubforge.hubdata's table" in tt["basis"]
     assert tt["gpus"]["T4 16 GB"] == {"fits": False, "why": "does not fit"}
     l4, a100 = tt["gpus"]["L4 24 GB"], tt["gpus"]["A100 80 GB"]
     assert l4["fits"] and a100["fits"] and l4["seconds"] > 2 * a100["seconds"]
@@ -115,6 +118,40 @@ def test_hub_dataset_with_epochs_gets_a_time_per_step_and_gpus_too_small_are_mar
     assert "T4 16 GB: does not fit; L4 24 GB: ≈ " in text and "/step" in text
     bf16 = build_plan(load_recipe(QLORA_12B))["estimates"]["train_time"]["gpus"]["T4 16 GB"]
     assert bf16["fits"] is None and "no bf16" in bf16["why"]  # Turing has no bf16: the train stage would fall to fp32
+
+
+@pytest.mark.parametrize("path", [p for p in find_recipes([REPO / "recipes"]) if load_recipe(p).data.hub],
+                         ids=lambda p: p.name)
+def test_every_shipped_hub_recipe_gets_a_total_time_or_says_why_not(path):
+    """A Hub dataset with a row count on its card gets a total (card rows x a stand-in's tokens per row), labelled as
+    an estimate from a sample of the same format; one whose card states no count keeps the time per step, saying so."""
+    plan = build_plan(load_recipe(path))
+    tok, tt = plan["estimates"]["train_tokens"], plan["estimates"]["train_time"]
+    text = render(plan, "markdown")
+    hub = plan["data"]["source"]
+    if hubdata.ROWS[hub] is None:
+        assert tt["per"] == "step" and tok["tokens"] is None
+        assert f"no total: dataset {hub}: no source found states the rows of its 'train' split" in text
+        return
+    assert tt["per"] == "run" and tok["tokens"] > 100_000 and "/step" not in text
+    assert "a stand-in sample of the same format" in text and "dataset card rows × a stand-in sample's tokens" in text
+    assert all(r["seconds"] > 0 for r in tt["gpus"].values() if r["fits"])
+
+
+def test_hub_row_estimate_follows_the_data_stage_split_fraction_and_drops():
+    """15,011 Dolly rows: 10 % held out (stages/data.py holdout), then data.fraction; PersianQA trains on all 9,000 of
+    its train split (eval from its validation split), and QA rows longer than train.max_length are dropped."""
+    dolly = REPO / "recipes/gemma-3-270m/dolly-lora.yaml"
+    assert build_plan(load_recipe(dolly))["estimates"]["train_tokens"]["rows"] == 15_011 - 1_501
+    half = build_plan(load_recipe(dolly, overrides=["data.fraction=0.5", "data.eval_fraction=0.2"]))
+    assert half["estimates"]["train_tokens"]["rows"] == 6_005  # ceil((15,011 - 3,002) / 2)
+    qa = build_plan(load_recipe(QLORA_8B))["estimates"]["train_tokens"]
+    lengths = hubdata.TOKENS["SajjadAyoubi/persian_qa"]
+    assert qa["rows"] == 9_000 and qa["tokens"] == int(3 * 9_000 * sum(lengths) / len(lengths))
+    cut = sorted(lengths)[len(lengths) // 2]
+    short = build_plan(load_recipe(QLORA_8B, overrides=[f"train.max_length={cut}"]))["estimates"]["train_tokens"]
+    kept = [n for n in lengths if n <= cut]
+    assert short["rows"] == round(9_000 * len(kept) / len(lengths)) and short["per_row"] == round(sum(kept) / len(kept), 1)
 
 
 def test_flops_per_token_follow_the_6n_rule():

@@ -6,13 +6,14 @@ The markdown form is the comment CI posts on a recipe pull request. Parameter co
 config (the local checkpoint when it is on disk, else `base.KNOWN_BASES`); memory is an estimate per GPU
 (weights + trainable state + activations + loss head) with the formula's parts shown, not a measurement, for the
 recipe's own `compute` section and for each strategy of hubforge.compute, with the smallest set-up that fits
-each common GPU size; training time on named GPU classes comes from hubforge.gpus (FLOPs / assumed utilisation).
+each common GPU size; training time on named GPU classes comes from hubforge.gpus (FLOPs / assumed utilisation),
+for the tokens of local data, or of a Hub dataset that hubforge.hubdata knows (card rows × a stand-in's tokens per row).
 """
 from __future__ import annotations
 
 import json
 
-from hubforge import chat, compute, gpus, products
+from hubforge import chat, compute, gpus, hubdata, products
 from hubforge.base import KNOWN_BASES, embedded_dir
 from hubforge.datarows import read_rows
 from hubforge.pipeline import STAGES
@@ -145,21 +146,25 @@ def strategy_estimates(recipe: Recipe, a: dict, params: dict) -> dict:
 
 def train_time(recipe: Recipe, a: dict, params: dict, tokens: dict, memory: dict) -> dict:
     """Estimated hours on each named GPU class (hubforge.gpus), for the recipe's own process count. The tokens to
-    train: the counted local data, else max_steps x batch x grad_accum x max_length x processes (exact when packed,
-    else an upper bound); a Hub dataset with only epochs leaves the total to the data stage, so the time of one
-    optimizer step is given instead."""
+    train: the counted local data or the estimate for a Hub dataset in hubforge.hubdata, else max_steps x batch x
+    grad_accum x max_length x processes (exact when packed, else an upper bound); any other Hub dataset with only
+    epochs leaves the total to the data stage, so the time of one optimizer step is given instead, with the reason."""
     t, n = recipe.train, recipe.compute.processes
     step_tokens = t.batch_size * t.grad_accum * t.max_length * n
     if tokens.get("tokens"):
-        total, basis = tokens["tokens"], "the train tokens counted above"
+        total, basis = tokens["tokens"], tokens["basis"]
     elif t.max_steps:
         total, basis = t.max_steps * step_tokens, f"{t.max_steps} steps × {step_tokens:,} tokens (upper bound unless packed)"
     else:
-        total, basis = None, f"one optimizer step of ≤ {step_tokens:,} tokens; the total needs the data stage's token count"
+        total, basis = None, f"one optimizer step of ≤ {step_tokens:,} tokens; no total: {tokens['how']}"
+    micro = t.batch_size * t.max_length
+    if tokens.get("per_row") and not t.packing:  # unpacked rows: one micro-batch per batch_size rows, however short
+        micro = min(micro, t.batch_size * tokens["per_row"])  # (QLoRA dequantizes its weights once per micro-batch)
+        basis += "; padding to a batch's longest row not counted" if t.batch_size > 1 else ""
     m, ckpt = recipe.method, t.gradient_checkpointing
     flops = gpus.flops_per_token(a, params, m.name, t.max_length, ckpt, m.is_adapter)
     per_gpu = {gpu.name: gpus.on_gpu(gpu, precision=t.precision, need_gib=memory["total_gib"], tokens=total or step_tokens,
-                                     micro_batch_tokens=t.batch_size * t.max_length, processes=n, flops=flops,
+                                     micro_batch_tokens=micro, processes=n, flops=flops,
                                      params=params, checkpointing=ckpt) for gpu in gpus.GPUS}
     return {"tokens": total, "per": "run" if total else "step", "basis": basis, "processes": n, "mfu": gpus.MFU,
             "gflop_per_token": round(flops["total"] / 1e9, 2), "gpus": per_gpu}
@@ -179,8 +184,12 @@ def disk_estimate(recipe: Recipe, params: dict) -> dict:
 
 
 def token_estimate(recipe: Recipe) -> dict:
-    if not recipe.data.files:
-        return {"tokens": None, "how": f"dataset {recipe.data.hub} is not on this machine; counted by the data stage"}
+    if not recipe.data.files:  # a Hub dataset: its card's row count x a stand-in sample's tokens per row, if known
+        hub = hubdata.estimate(recipe)
+        if hub["rows"] is None:
+            return {"tokens": None, "how": hub["how"]}
+        return _run_tokens(recipe, hub["rows"], hub["per_row"], hub["how"], skipped=[],
+                           basis="the train tokens estimated above (dataset card rows × a stand-in sample's tokens per row)")
     rows, chars, skipped = 0, 0, []
     for rel in recipe.data.files:
         path = recipe.local_path(rel)
@@ -194,12 +203,21 @@ def token_estimate(recipe: Recipe) -> dict:
     if recipe.data.max_samples:
         used = min(used, recipe.data.max_samples)
     per_row = chars / max(rows, 1) / 3.0  # ≈3 characters per token for Gemma's vocabulary on mixed Persian/English
-    epochs = recipe.train.epochs
-    steps = recipe.train.max_steps
-    per_epoch = used * per_row
-    total = steps * recipe.train.batch_size * recipe.train.grad_accum * per_row if steps else per_epoch * epochs
-    return {"tokens": int(total), "rows": int(used), "how": "characters / 3 (estimate; the data stage counts exactly)",
-            "skipped": skipped}
+    return _run_tokens(recipe, used, per_row, "characters / 3 (estimate; the data stage counts exactly)", skipped,
+                       basis="the train tokens counted above")
+
+
+def _run_tokens(recipe: Recipe, rows: float, per_row: float, how: str, skipped: list, basis: str) -> dict:
+    """Tokens a run trains: train.max_steps optimizer steps when set (the Trainer stops there; a packed sequence is
+    train.max_length tokens), else epochs × rows."""
+    t = recipe.train
+    if t.max_steps:
+        sequences = t.max_steps * t.batch_size * t.grad_accum * recipe.compute.processes
+        total = sequences * (t.max_length if t.packing else per_row)
+    else:
+        total = rows * per_row * t.epochs
+    return {"tokens": int(total), "rows": int(rows), "per_row": round(per_row, 1), "how": how, "skipped": skipped,
+            "basis": basis}
 
 
 def _text_of(row) -> str:
@@ -303,7 +321,7 @@ def render(plan: dict, fmt: str) -> str:
          + (f" per GPU ({mem['processes']} processes, {mem['strategy']})" if mem["processes"] > 1 else "") if mem else "—"),
         *([("Per GPU by strategy", _strategies(est["strategies"])), ("Fits on", _fits(est["strategies"]))] if est.get("strategies") else []),
         ("Disk (est.)", f"≈ {disk['total_mb']:,} MB (adapter {disk['adapter_mb']}, checkpoints {disk['checkpoints_mb']}, merged {disk['merged_mb']}, GGUF {sum(disk['gguf_mb'].values()):.1f})" if disk else "—"),
-        ("Train tokens", f"≈ {tok['tokens']:,} over {tok['rows']} rows ({tok['how']})" if tok.get("tokens") else tok["how"]),
+        ("Train tokens", f"≈ {tok['tokens']:,} over {tok['rows']:,} rows ({tok['how']})" if tok.get("tokens") else tok["how"]),
         *([("Train time (est.)", _times(tt)), ("Time model", _time_model(tt))] if (tt := est.get("train_time")) else []),
     ]
     rows += [("Warning", w) for w in plan["warnings"]] + [("PROBLEM", p) for p in plan["problems"]]
