@@ -185,6 +185,7 @@ class Gguf:
     outtype: str
     quants: tuple[str, ...]
     lora: bool
+    split_above: str | None
 
 
 @dataclass(frozen=True)
