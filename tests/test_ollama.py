@@ -98,3 +98,18 @@ def test_files_are_written_for_a_known_family_and_removed_for_an_unknown_one(tok
     unknown = ollama.write_files(tmp_path, tokenizer, "{{ messages[0]['content'] }}")
     assert unknown["family"] is None and unknown["files"] == [] and "Ollama guesses" in unknown["reason"]
     assert not (tmp_path / "template").exists() and not (tmp_path / "params").exists()
+
+
+@pytest.mark.slow
+def test_go_renders_the_embedded_gemma3_tokenizers_prompt(tmp_path):
+    """The real Gemma 3 270M tokenizer (the embedded base, converted once and cached) through Go."""
+    from ollama_render import go_renderer
+    from transformers import AutoTokenizer
+
+    from hubforge.base import fetch_embedded
+
+    tokenizer = AutoTokenizer.from_pretrained(fetch_embedded())
+    assert ollama.family_of(tokenizer, tokenizer.chat_template) == "gemma3"
+    want = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True).removeprefix(tokenizer.bos_token)
+            for m in ollama.PROBE_CONVERSATIONS]
+    assert go_renderer(tmp_path)(ollama.GEMMA, [list(m) for m in ollama.PROBE_CONVERSATIONS]) == want
