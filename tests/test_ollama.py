@@ -87,6 +87,7 @@ def test_family_is_found_by_rendering_not_by_name(tokenizer, tmp_path):
     assert ollama.family_of(tokenizer, (trl_templates_dir() / "llama3_2.jinja").read_text("utf-8")) is None
     assert ollama.family_of(tokenizer, trl_template("gemma3").replace("<end_of_turn>", "<end_of_turn>\n")) is None
     assert ollama.family_of(tokenizer, None) is None
+    assert ollama.family_of(tokenizer, "{{ raise_exception('roles must alternate') }}") is None  # never a crash
 
 
 @pytest.mark.unit

@@ -7,8 +7,9 @@ with the stop tokens), for each chat-template family a recipe may name.
 `ollama run hf.co/<repo>:<QUANT>` uses the repo's `template` and `params` when present, else guesses a template
 from the GGUF's `tokenizer.chat_template` (Hub docs: ollama.md). The Go templates below are written against
 Ollama's data model: `.Messages` ([{Role, Content}], consecutive turns of one role joined by a blank line, system
-turns included) and `.System` (every system turn joined), with text/template's builtins (`slice`, `len`, `index`,
-`eq`, `and`, `or`, `not`). They leave out BOS: Ollama's tokenizer adds it (`tokenizer.ggml.add_bos_token`), so what
+turns included; Ollama also passes `.System`, every system turn joined, but like the HF templates these read the
+leading system turn from the messages), with text/template's builtins (`slice`, `len`, `index`, `eq`, `and`, `or`,
+`not`). They leave out BOS: Ollama's tokenizer adds it (`tokenizer.ggml.add_bos_token`), so what
 they render is the HF template's prompt without its leading BOS text. A final assistant turn is left open (a
 prefill, as Ollama's own templates do); otherwise the assistant header follows, as `add_generation_prompt` does.
 Go's text/template has no `trim`, so a turn with leading or trailing whitespace keeps it in Ollama where Gemma's
@@ -133,7 +134,10 @@ def family_of(tokenizer, template: str | None) -> str | None:
 
     if not template:
         return None
-    want = [hf_prompt(tokenizer, template, m) for m in PROBE_CONVERSATIONS]
+    try:
+        want = [hf_prompt(tokenizer, template, m) for m in PROBE_CONVERSATIONS]
+    except Exception:  # a template that cannot render a plain conversation is no family's
+        return None
     for name in FAMILIES:
         if [hf_prompt(tokenizer, trl_template(name), m) for m in PROBE_CONVERSATIONS] == want:
             return name
