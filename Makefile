@@ -22,7 +22,7 @@ LLAMA_TOOLS ?= $(HOME)/.cache/hubforge/llama.cpp-tools-$(LLAMA_CPP_PYTHON_VERSIO
 RECIPE ?= recipes/gemma-3-270m/persian-chat-lora.yaml
 TIERS ?= unit or integration or hub or slow or browser or workflows
 
-.PHONY: install llama-cpp-scripts llama-cpp-tools browser-deps lint-deps demo test test-unit standins benchmarks clean
+.PHONY: install llama-cpp-scripts llama-cpp-tools browser-deps lint-deps go-deps demo test test-unit standins benchmarks clean
 
 install: $(VENV)/.installed llama-cpp-scripts
 
@@ -68,10 +68,14 @@ browser-deps:
 lint-deps:
 	@command -v shellcheck >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q shellcheck)
 
+# Go, whose own text/template renders the Ollama `template` files in tests/test_ollama.py (Debian package; root, as on CI).
+go-deps:
+	@command -v go >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q golang-go)
+
 demo: install
 	$(BIN)/hubforge demo $(RECIPE)
 
-test: install browser-deps lint-deps
+test: install browser-deps lint-deps go-deps
 	$(BIN)/python -m pytest -m "$(TIERS)"
 
 test-unit: $(VENV)/.installed

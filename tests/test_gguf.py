@@ -48,7 +48,7 @@ def make(root: Path, **gguf):
 def exported(project, tmp_path_factory):
     from hubforge.stages import gguf, merge
 
-    recipe = make(project, quants=ALL_QUANTS, lora=True)
+    recipe = make(project, quants=ALL_QUANTS, lora=True, split_above="2M")  # the F16 file (~3 MB) is split
     work = tmp_path_factory.mktemp("gguf-run")
     adapter = make_lora_adapter(project / "base", work / "adapter")
     run_dir = fake_run(work / "run", adapter, project / "data" / "chat.jsonl")
@@ -112,6 +112,80 @@ def test_chat_template_and_special_ids_travel_inside(exported):
     assert scalar("tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
     assert scalar("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
     assert result["tokenizer_probe"]["ok"] and result["tokenizer_probe"]["chat_template"]
+
+
+def gguf_text(reader, key: str) -> str:
+    field = reader.fields[key]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def test_the_chat_template_inside_every_file_renders_the_hf_prompt_in_llama_cpp_python(exported):
+    """Read back with gguf-py and rendered as llama-cpp-python's chat completion renders it (Jinja2ChatFormatter
+    with the file's own BOS/EOS text), for 3 conversations incl. a system turn."""
+    from gguf import GGUFReader
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    from hubforge import ollama
+
+    _, run_dir, result = exported
+    tokenizer = AutoTokenizer.from_pretrained(run_dir.path / "merge" / "model")
+    want = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in ollama.PROBE_CONVERSATIONS]
+    assert "You are a concise assistant." in want[1] and want[0].startswith(tokenizer.bos_token)
+    for row in result["files"]:
+        reader = GGUFReader(str(run_dir.path / row["file"]))
+        tokens = reader.fields["tokenizer.ggml.tokens"]
+        text = {name: bytes(tokens.parts[tokens.data[int(reader.fields[f"tokenizer.ggml.{name}_token_id"].parts[-1][0])]]).decode()
+                for name in ("bos", "eos")}
+        formatter = Jinja2ChatFormatter(template=gguf_text(reader, "tokenizer.chat_template"), bos_token=text["bos"],
+                                        eos_token=text["eos"])
+        assert [formatter(messages=list(m)).prompt for m in ollama.PROBE_CONVERSATIONS] == want, row["type"]
+
+
+def test_the_repo_carries_ollama_files_that_go_renders_as_the_hf_prompt(exported, tmp_path):
+    from gguf import GGUFReader
+    from ollama_render import go_renderer
+    from transformers import AutoTokenizer
+
+    from hubforge import ollama, products
+
+    recipe, run_dir, result = exported
+    assert result["ollama"] == {"family": "gemma3", "files": ["gguf/template", "gguf/params"],
+                                "stop": ["<start_of_turn>", "<end_of_turn>"]}
+    assert json.loads((run_dir.path / "gguf" / "params").read_text("utf-8"))["stop"] == result["ollama"]["stop"]
+    tokenizer = AutoTokenizer.from_pretrained(run_dir.path / "merge" / "model")
+    # Ollama's tokenizer adds BOS because the file says so; the Go template leaves it out of the text
+    field = GGUFReader(str(run_dir.path / result["files"][0]["file"])).fields["tokenizer.ggml.add_bos_token"]
+    assert bool(field.parts[-1][0])
+    want = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True).removeprefix(tokenizer.bos_token)
+            for m in ollama.PROBE_CONVERSATIONS]
+    template = (run_dir.path / "gguf" / "template").read_text("utf-8")
+    assert go_renderer(tmp_path)(template, [list(m) for m in ollama.PROBE_CONVERSATIONS]) == want
+    run_dir.mark("gguf", status="done", result=result)
+    repo = dict(products.repo_contents(recipe, run_dir)["gguf"])
+    assert repo["template"] == run_dir.path / "gguf" / "template" and repo["params"] == run_dir.path / "gguf" / "params"
+
+
+def test_a_file_over_split_above_is_published_as_parts_that_load(exported):
+    import llama_cpp
+
+    from hubforge import llamacpp, products
+
+    recipe, run_dir, result = exported
+    rows = {row["type"]: row for row in result["files"]}
+    assert rows["F16"]["size"] > 2e6 and rows["Q4_0"]["size"] < 2e6 and "parts" not in rows["Q4_0"]
+    parts = rows["F16"]["parts"]
+    assert len(parts) >= 2 and all(p["size"] <= 2e6 for p in parts)
+    assert [Path(p["file"]).name for p in parts] == [f"tiny-gguf-F16-{i:05d}-of-{len(parts):05d}.gguf" for i in range(1, len(parts) + 1)]
+    run_dir.mark("gguf", status="done", result=result)
+    repo = [name for name, _ in products.repo_contents(recipe, run_dir)["gguf"]]
+    assert "tiny-gguf-F16.gguf" not in repo and "tiny-gguf-Q4_0.gguf" in repo
+    assert [n for n in repo if n.startswith("tiny-gguf-F16-")] == [Path(p["file"]).name for p in parts]
+    prompt = [2, 5, 6, 7]
+    with closing(llamacpp.load(run_dir.path / rows["F16"]["file"])) as llm:
+        want = llamacpp.greedy(llm, prompt, 12, set())[0]
+    with closing(llama_cpp.Llama(model_path=str(run_dir.path / parts[0]["file"]), n_ctx=512, verbose=False)) as llm:
+        assert llamacpp.greedy(llm, prompt, 12, set())[0] == want
 
 
 def test_lora_gguf_on_base_reproduces_merged_f16(exported):

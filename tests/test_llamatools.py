@@ -122,3 +122,16 @@ def test_a_machine_without_cmake_is_told_what_to_install(monkeypatch):
     monkeypatch.setattr(llamatools.shutil, "which", lambda name: None)
     with pytest.raises(llamatools.LlamaToolError, match=r"apt-get install cmake g\+\+"):
         llamatools.build()
+
+
+@pytest.mark.unit
+def test_split_sizes_read_as_llama_gguf_split_reads_them(tmp_path):
+    assert llamatools.size_bytes("500M") == 500_000_000 and llamatools.size_bytes("48G") == 48_000_000_000
+    with pytest.raises(llamatools.LlamaToolError, match="e.g. 500M or 48G"):
+        llamatools.size_bytes("2GB")
+    small = tmp_path / "x-Q8_0.gguf"
+    small.write_bytes(b"GGUF" + bytes(100))
+    stale = tmp_path / "x-Q8_0-00001-of-00002.gguf"  # a former run's part: must not be published with this file
+    stale.write_bytes(b"old")
+    assert llamatools.split_if_larger(small, "1M", log=tmp_path / "log") == [] and not stale.exists()
+    assert llamatools.split_if_larger(small, None, log=tmp_path / "log") == []

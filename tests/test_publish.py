@@ -147,7 +147,7 @@ def run_dir(project, tmp_path_factory) -> RunDir:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hubforge import llamacpp
+    from hubforge import llamacpp, ollama
     from hubforge.rundir import sha256_file
 
     rd = RunDir.open(tmp_path_factory.mktemp("runs") / RUN_ID)
@@ -175,7 +175,11 @@ def run_dir(project, tmp_path_factory) -> RunDir:
     llamacpp.convert_model(llamacpp.converter_input(merged_dir, work / "model"), f16, "F16")
     files = [{"file": f"gguf/{f16.name}", "type": "F16", "size": f16.stat().st_size, "sha256": sha256_file(f16)}]
     (gguf_dir / "quality.json").write_text(json.dumps({"model": NAME, "files": files}), "utf-8")
-    mark(rd, "gguf", {"files": files, "quality": "gguf/quality.json", "tokenizer_probe": {"ok": True}, "lora_gguf": None})
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    runtime = ollama.write_files(gguf_dir, tokenizer, tokenizer.chat_template)  # as the gguf stage does
+    runtime["files"] = [f"gguf/{name}" for name in runtime["files"]]
+    mark(rd, "gguf", {"files": files, "quality": "gguf/quality.json", "tokenizer_probe": {"ok": True}, "lora_gguf": None,
+                      "ollama": runtime})
     write_cards(rd, ("adapter", "merged", "gguf"))
     return rd
 
@@ -208,7 +212,7 @@ def test_publish_makes_one_tagged_commit_per_repo(api, published, run_dir, token
         "adapter": {"README.md", "adapter_config.json", "adapter_model.safetensors"},
         "merged": {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                    "tokenizer_config.json", "tokenizer.model"},
-        "gguf": {"README.md", f"{NAME}-F16.gguf", "quality.json"},
+        "gguf": {"README.md", f"{NAME}-F16.gguf", "quality.json", "template", "params"},  # Ollama's two files
     }
     assert set(result["repos"]) == set(expected)
     assert result["tag"] == f"recipe-{recipe.sha256[:12]}"

@@ -41,6 +41,7 @@ BAD_CASES = {
     "nonpositive.yaml": ["train.learning_rate", "-0.0001", "train.batch_size", "less than the minimum of 1"],
     "foreign-method-params.yaml": ["method.p_tuning", "do not belong to method 'lora'"],
     "gguf-type.yaml": ["export.gguf.quants[1]", "'Q7_X' is not one of"],
+    "gguf-split.yaml": ["gguf-split.yaml:5:", "export.gguf.split_above", "'2GB' does not match"],
     "repo-id.yaml": ["publish.merged_repo", "bad repo!!"],
     "path-escape.yaml": ["data.files[0]", "outside the repository"],
     "empty.yaml": ["empty"],

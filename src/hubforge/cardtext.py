@@ -214,7 +214,8 @@ def sample_rows(kind: str, results: dict) -> list[dict]:
 def quant_rows(files: list[dict]) -> list[dict]:
     def pct(x):
         return f"{x:.0%}" if isinstance(x, (int, float)) and 0 <= x <= 1 else num(x)
-    return [{"file": Path(f["file"]).name, "type": f.get("type", "–"),
+    return [{"file": Path((f.get("parts") or [f])[0]["file"]).name, "parts": len(f.get("parts") or []),
+             "type": f.get("type", "–"),
              "size": f"{f['size'] / 1e6:,.1f} MB" if isinstance(f.get("size"), int) else "–",
              "bpw": f"{f['bits_per_weight']:.2f}" if isinstance(f.get("bits_per_weight"), (int, float)) else "–",
              "ppl": num(f.get("perplexity")),
@@ -222,7 +223,8 @@ def quant_rows(files: list[dict]) -> list[dict]:
              "tps": f"{f['tokens_per_s']:.1f}" if isinstance(f.get("tokens_per_s"), (int, float)) else "–",
              "kl": f"{f['kl_vs_hf']:.2g}" if isinstance(f.get("kl_vs_hf"), (int, float)) else "–",
              "top1": pct(f.get("top1_agreement_vs_hf")), "agree": pct(f.get("greedy_agreement")),
-             "flag": " ⚠️" if f.get("recommended") is False else "", "sha": (f.get("sha256") or "")[:12]} for f in files]
+             "flag": " ⚠️" if f.get("recommended") is False else "",
+             "sha": ((f.get("parts") or [f])[0].get("sha256") or "")[:12]} for f in files]
 
 
 def run_year(manifest: dict) -> int:
@@ -333,6 +335,9 @@ def card_context(kind: str, recipe, manifest: dict, results: dict, data: ModelCa
         "not_recommended_count": sum(f.get("recommended") is False for f in files),
         "default_gguf": default_gguf, "default_quant": default_gguf.removeprefix(f"{recipe.name}-").removesuffix(".gguf"),
         "lora_gguf": Path(lora["file"]).name if isinstance(lora, dict) and lora.get("file") else None,
+        "ollama_stop": ", ".join(f"`{s}`" for s in (res["gguf"].get("ollama") or {}).get("stop") or []),
+        "split": ", ".join(f"`{Path(f['file']).name}`" for f in files if f.get("parts")),
+        "split_count": sum(bool(f.get("parts")) for f in files),
         # publish puts the training tokenizer + chat template beside the adapter (and in the merged repo)
         "tokenizer_repo": produced.get("adapter") or produced.get("merged") or facts["hub_id"],
         "template_note": template_note(res["data"], produced),

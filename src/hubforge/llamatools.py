@@ -217,6 +217,25 @@ def split(gguf: Path, max_size: str, *, log: Path) -> list[Path]:
     return sorted(gguf.parent.glob(f"{prefix.name}-*-of-*.gguf"))
 
 
+def size_bytes(size: str) -> int:
+    """llama-gguf-split's size ("500M", "48G") in bytes; it reads M and G as decimal units."""
+    if not re.fullmatch(r"[1-9][0-9]*[MG]", size):
+        raise LlamaToolError(f"split size {size!r}: write a whole number of megabytes or gigabytes, e.g. 500M or 48G")
+    return int(size[:-1]) * 1000 ** {"M": 2, "G": 3}[size[-1]]
+
+
+def split_if_larger(gguf: Path, max_size: str | None, *, log: Path) -> list[Path]:
+    """split() when `gguf` is larger than `max_size`, else [] (also for None); parts a former run left beside it
+    are removed first, so the set returned is this file's."""
+    gguf = Path(gguf)
+    digits = "[0-9]" * 5
+    for stale in gguf.parent.glob(f"{gguf.stem}-{digits}-of-{digits}.gguf"):
+        stale.unlink()
+    if max_size is None or gguf.stat().st_size <= size_bytes(max_size):
+        return []
+    return split(gguf, max_size, log=log)
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["build"]:
         print(build(*argv[1:2]))

@@ -156,8 +156,10 @@ def repo_contents(recipe, run_dir) -> dict[str, list[tuple[str, Path]]]:
     if run_dir.stage("merge")["status"] == "done":
         out["merged"] = folder_files(run_dir, merge.get("model_dir") or "merge/model")
     if run_dir.stage("gguf")["status"] == "done":
-        rels = [f["file"] for f in gguf.get("files") or []] + [(gguf.get("lora_gguf") or {}).get("file")]
-        rels += [(gguf.get("imatrix") or {}).get("file")]
-        rels += [gguf["quality"]] if gguf.get("quality") else []
+        # a split file is published as its parts (llama.cpp loads the set from the first)
+        rels = [p["file"] for f in gguf.get("files") or [] for p in f.get("parts") or [f]]
+        rels += [(gguf.get("lora_gguf") or {}).get("file")] + ([gguf["quality"]] if gguf.get("quality") else [])
+        rels += [(gguf.get("imatrix") or {}).get("file")]  # the importance matrix the quants were made with
+        rels += (gguf.get("ollama") or {}).get("files") or []  # Ollama's `template` and `params`
         out["gguf"] = [(Path(r).name, run_dir.path / r) for r in rels if r]
     return out

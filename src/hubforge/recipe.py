@@ -202,6 +202,7 @@ class Gguf:
     imatrix: GgufImatrix
     auto: GgufAuto
     lora: bool
+    split_above: str | None
 
 
 @dataclass(frozen=True)

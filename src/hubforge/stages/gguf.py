@@ -3,7 +3,9 @@
     hubforge run recipes/gemma-3-270m/persian-chat-lora.yaml --stages gguf
 
 Outputs in `gguf/`: `<name>-<TYPE>.gguf` (export.gguf.outtype, then each of export.gguf.quants), with
-export.gguf.lora also `<name>-LoRA-F16.gguf`, and `quality.json`: the quant quality table the GGUF card shows.
+export.gguf.lora also `<name>-LoRA-F16.gguf`, and `quality.json`: the quant quality table the GGUF card shows; a file
+over export.gguf.split_above also as `<name>-<TYPE>-0000N-of-0000M.gguf` parts (what the repo gets), and Ollama's
+`template` and `params` (hubforge.ollama) when the chat template is one of the families it knows.
 
 1. Preflight: the converter knows the architecture, a LoRA adapter carries only what llama.cpp applies, and the
    disk holds the expected sizes. 2. Convert with llama.cpp's own converter (hubforge.llamacpp). 3. Tokenizer probe:
@@ -26,7 +28,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from hubforge import chat, gguf_auto, gguf_imatrix, llamacpp, llamatools, products
+from hubforge import chat, gguf_auto, gguf_imatrix, llamacpp, llamatools, ollama, products
 from hubforge.errors import StageError
 from hubforge.models import count_params, resolve_base
 from hubforge.recipe import confine
@@ -191,6 +193,12 @@ def export(recipe, run_dir) -> dict:
     # ---- LoRA adapter as GGUF: base f16 + adapter must reproduce the merged f16
     lora = lora_gguf(recipe, run_dir, adapter_dir, full, prompts, stop, work) if cfg.lora else None
     shutil.rmtree(work, ignore_errors=True)
+    for row in rows:  # a file over export.gguf.split_above goes to the repo as its llama-gguf-split parts
+        if parts := llamatools.split_if_larger(run_dir.path / row["file"], cfg.split_above, log=out / "llama.log"):
+            row["parts"] = [{"file": str(p.relative_to(run_dir.path)), "size": p.stat().st_size, "sha256": sha256_file(p)}
+                            for p in parts]
+    runtime = ollama.write_files(out, tokenizer, tokenizer.chat_template)  # `template` + `params` for Ollama
+    runtime["files"] = [f"gguf/{name}" for name in runtime["files"]]
     quality = {"model": recipe.name, "architecture": arch, "held_out": held_out, "max_new_tokens": MAX_NEW_TOKENS,
                "reference": {"model": "merged HF checkpoint, float32 compute", "perplexity": reference["perplexity"]},
                "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION, "threads": os.cpu_count(),
@@ -220,7 +228,8 @@ def export(recipe, run_dir) -> dict:
         say(verdict(row))
     return {"files": quality["files"], "quality": "gguf/quality.json", "held_out": held_out, "tokenizer_probe": probe,
             "imatrix": imatrix_info, "auto": auto and {k: auto[k] for k in ("meets", "size", "types")},
-            "lora_gguf": lora, "outtype": cfg.outtype, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "lora_gguf": lora, "ollama": runtime, "outtype": cfg.outtype,
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "converter": f"llama.cpp from the llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION} sdist"}
 
 
