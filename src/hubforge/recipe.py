@@ -1,8 +1,8 @@
 """Recipes: load a YAML file, apply `--set`/`--unset` overrides, validate, fill defaults, return a typed `Recipe`.
 
-The JSON Schema in `schema/recipe.schema.json` is the single source of truth for fields, types, ranges and
-defaults; the frozen dataclasses below mirror it (a unit test keeps the two in step) so that stages get
-attribute access and type checkers see typos. Precedence: schema defaults < YAML < (`--standin`'s changes, then)
+The JSON Schema in `schema/recipe.schema.json` is the single source of truth for fields, types, ranges, defaults
+and order; the typed recipe (`recipe.train.lora.r`) is a set of frozen dataclasses generated from it at import
+(hubforge.schematypes; `python -m hubforge.recipe --shape` prints them as source). Precedence: schema defaults < YAML < (`--standin`'s changes, then)
 `--set a.b=c` / `--unset a.b` (an unset key falls back to its default, or is absent when it has none).
 
     from hubforge.recipe import load_recipe
@@ -20,8 +20,7 @@ import hashlib
 import json
 import os
 import re
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from hubforge import safeyaml
+from hubforge import safeyaml, schematypes
 
 EMBEDDED_BASES = ("embedded:gemma-3-270m",)
 METHOD_SECTIONS = {"lora": ("lora", "qlora"), "quantization": ("qlora",), "prompt_tuning": ("prompt_tuning",),
@@ -47,231 +46,14 @@ class RecipeError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
 
 
-# ---------------------------------------------------------------- typed recipe (mirrors the schema)
-@dataclass(frozen=True)
-class Base:
-    model: str
-    revision: str | None
-    dtype: str
-    chat_template: str
-    license: str | None
-
-
-@dataclass(frozen=True)
-class Data:
-    format: str
-    split: str
-    eval_split: str | None
-    eval_fraction: float
-    columns: dict
-    fraction: float
-    max_samples: int | None
-    system_prompt: str | None
-    no_answer_text: str
-    too_long: str
-    revision: str | None
-    subset: str | None
-    hub: str | None = None
-    files: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Lora:
-    r: int
-    alpha: float
-    dropout: float
-    target_modules: tuple[str, ...]
-    bias: str
-    use_rslora: bool
-    modules_to_save: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Quantization:
-    quant_type: str
-    compute_dtype: str
-    double_quant: bool
-
-
-@dataclass(frozen=True)
-class PromptTuning:
-    num_virtual_tokens: int
-    init_text: str | None
-
-
-@dataclass(frozen=True)
-class PTuning:
-    num_virtual_tokens: int
-    encoder_hidden_size: int
-    encoder_type: str
-
-
-@dataclass(frozen=True)
-class Full:
-    trainable_modules: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    lora: Lora | None = None
-    quantization: Quantization | None = None
-    prompt_tuning: PromptTuning | None = None
-    p_tuning: PTuning | None = None
-    full: Full | None = None
-
-    @property
-    def is_adapter(self) -> bool:
-        return self.name in ADAPTER_METHODS
-
-    @property
-    def is_mergeable(self) -> bool:
-        return self.name in MERGEABLE_METHODS
-
-
-@dataclass(frozen=True)
-class Train:
-    learning_rate: float
-    epochs: float
-    max_steps: int | None
-    batch_size: int
-    grad_accum: int
-    max_length: int
-    packing: bool
-    padding_free: bool
-    assistant_only_loss: bool
-    optimizer: str
-    scheduler: str
-    warmup_steps: int
-    weight_decay: float
-    max_grad_norm: float
-    precision: str
-    gradient_checkpointing: bool
-    seed: int
-    save_steps: int
-    save_total_limit: int
-    eval_steps: int | None
-    logging_steps: int
-
-
-@dataclass(frozen=True)
-class Compute:
-    processes: int
-    strategy: str
-
-
-@dataclass(frozen=True)
-class LmEval:
-    tasks: tuple[str, ...]
-    num_fewshot: int
-    limit: int | None
-    include_path: str | None
-
-
-@dataclass(frozen=True)
-class Eval:
-    perplexity: bool
-    max_samples: int
-    batch_size: int
-    qa: bool
-    max_new_tokens: int
-    prompts: tuple[str, ...]
-    lm_eval: LmEval
-
-
-@dataclass(frozen=True)
-class GgufImatrix:
-    enabled: bool
-    file: str | None
-    max_tokens: int
-    compare_plain: bool
-
-
-@dataclass(frozen=True)
-class GgufAuto:
-    enabled: bool
-    min_top1: float
-    max_ppl_increase: float
-
-
-@dataclass(frozen=True)
-class Gguf:
-    enabled: bool
-    outtype: str
-    quants: tuple[str, ...]
-    imatrix: GgufImatrix
-    auto: GgufAuto
-    lora: bool
-    split_above: str | None
-
-
-@dataclass(frozen=True)
-class Export:
-    merge: bool
-    merge_dtype: str
-    merge_into: str
-    merge_max_abs_logit_diff: float
-    gguf: Gguf
-
-
-@dataclass(frozen=True)
-class Card:
-    license: str | None
-    languages: tuple[str, ...]
-    tags: tuple[str, ...]
-    description: str
-    intended_use: str
-    limitations: str
-    citation: str | None
-    author: str | None
-
-
-@dataclass(frozen=True)
-class Publish:
-    namespace: str
-    adapter_repo: str
-    merged_repo: str
-    gguf_repo: str
-    private: bool
-
-
-@dataclass(frozen=True)
-class Space:
-    enabled: bool
-    id: str
-    hardware: str
-    title: str
-    emoji: str
-    backend: str
-    gguf_file: str
-    system_prompt: str | None
-    examples: tuple[str, ...]
-    rtl: bool
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    base: Base
-    data: Data
-    method: Method
-    train: Train
-    eval: Eval
-    export: Export
-    card: Card
-    publish: Publish
-    space: Space
-    compute: Compute
-    # Set by `hubforge run --standin` only (hubforge.standin): the changes that made this a stand-in run.
-    standin: tuple[str, ...] | None = None
-    # Not part of the schema: where the recipe came from, and the root that local paths are relative to.
-    source: str = field(default="<memory>", compare=False)
-    root: Path = field(default=Path("."), compare=False)
+# ---------------------------------------------------------------- typed recipe (generated from the schema)
+class RecipeMethods:
+    """What the generated `Recipe` class can do besides holding the schema's fields."""
 
     def to_dict(self) -> dict:
-        """The resolved recipe as plain data (what `recipe.resolved.yaml` holds and what is hashed)."""
-        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "root")
-                       and not (f.name == "standin" and self.standin is None)})  # absent unless a stand-in run
+        """The resolved recipe as plain data (what `recipe.resolved.yaml` holds and what is hashed); `standin` is
+        absent unless this is a stand-in run."""
+        return schematypes.plain(self)
 
     @property
     def sha256(self) -> str:
@@ -285,16 +67,27 @@ class Recipe:
         return (self.root / relative).resolve()
 
 
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        # Fields with a dataclass default are the optional ones (data.hub/files, method subsections): omit when unset.
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if f.default is dataclasses.MISSING or getattr(value, f.name) != f.default}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+class MethodMethods:
+    """What the generated `Method` class can say about its method."""
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.name in ADAPTER_METHODS
+
+    @property
+    def is_mergeable(self) -> bool:
+        return self.name in MERGEABLE_METHODS
+
+
+def recipe_classes(schema_dict: dict) -> dict[str, type]:
+    """{name: frozen dataclass} for every object of a recipe schema (hubforge.schematypes explains the rules)."""
+    return schematypes.build(schema_dict, "Recipe", behaviour={"Recipe": RecipeMethods, "Method": MethodMethods}, extra={
+        # Not part of the schema: where the recipe came from, and the root that local paths are relative to.
+        "Recipe": [("source", str, field(default="<memory>", compare=False)),
+                   ("root", Path, field(default=Path("."), compare=False))]}, module=__name__)
+
+
+_plain = schematypes.plain  # the name plan.py imports it by
 
 
 def recipe_hash(plain: dict) -> str:
@@ -360,6 +153,14 @@ def schema() -> dict:
 def method_names() -> list[str]:
     """The methods the schema knows (method.name's enum)."""
     return schema()["properties"]["method"]["properties"]["name"]["enum"]
+
+
+# The typed recipe: one frozen dataclass per schema object (Recipe, Base, Data, Method, Lora, ..., Gguf), built here
+# from the schema so that a key added there needs no Python edit. No file holds their source; to see them:
+#     python -m hubforge.recipe --shape
+CLASSES = recipe_classes(schema())
+globals().update(CLASSES)
+Recipe = CLASSES["Recipe"]  # bound by name too: the type every stage receives, for readers and linters
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -679,23 +480,9 @@ def resolve(raw: Any, *, source: str = "<memory>", root: Path | None = None, ove
 
 
 def _typed(d: dict, source: str, root: Path) -> Recipe:
-    """The typed recipe of resolved data: each dataclass built from its section, nested sections recursively
-    (a method subsection absent from the data stays None); lists become tuples, as the dataclasses are frozen."""
-    return dataclasses.replace(_build(Recipe, d), source=source, root=root)
-
-
-def _build(cls, values: dict):
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values or not f.init:
-            continue
-        value = values[f.name]
-        nested = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if dataclasses.is_dataclass(t)]
-        if nested and isinstance(value, dict):
-            value = _build(nested[0], value)
-        kwargs[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
+    """The typed recipe of resolved data (nested sections built recursively, a method subsection absent from the
+    data stays None, lists become tuples)."""
+    return dataclasses.replace(schematypes.construct(Recipe, d), source=source, root=root)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), root: Path | None = None, unset: list[str] = (),
@@ -750,3 +537,11 @@ def read_resolved(path: str | Path) -> Recipe:
 def dump_resolved(recipe: Recipe) -> str:
     header = f"# Resolved recipe (all defaults filled in) from {recipe.source}\n# sha256: {recipe.sha256}\n"
     return header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--shape"]:
+        raise SystemExit("usage: python -m hubforge.recipe --shape   (prints the typed recipe's classes)")
+    print(schematypes.shape(CLASSES, "src/hubforge/schema/recipe.schema.json"))

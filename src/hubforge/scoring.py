@@ -8,8 +8,8 @@ logit comparisons (max |Δ|, KL, top-1 agreement). Merge, evaluate and gguf meas
     ids, masks, info = scoring.scored_held_out(recipe, run_dir, tokenizer, template, limit=25)
     scoring.perplexity(model, ids, masks)
 
-Two perplexities: `perplexity` takes the model's own loss per row (a few short rows; merge and gguf), `heldout_loss`
-batches many rows and runs the LM head on the scored positions only, in chunks (evaluate, any vocabulary size).
+One loss computation, `nll` (batched, right-padded, the LM head on the scored positions only): `perplexity` is it
+one row at a time, rounded (merge and gguf), `heldout_loss` is it in batches with loss, timing and progress (evaluate).
 """
 from __future__ import annotations
 
@@ -125,33 +125,19 @@ def logits(model, sequences: list[list[int]]) -> list:
         return [model(torch.tensor([ids])).logits[0].float() for ids in sequences]
 
 
-def perplexity(model, sequences: list[list[int]], masks: list[list[int]] | None = None) -> float:
-    """exp(mean next-token NLL); with `masks`, only over the tokens marked 1 (e.g. assistant turns, as in training)."""
-    import torch
-
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for i, ids in enumerate(sequences):
-            x = torch.tensor([ids])
-            labels = x if masks is None else x.masked_fill(torch.tensor([masks[i]]) == 0, -100)
-            scored = int((labels[0, 1:] != -100).sum())
-            if scored:
-                nll += float(model(x, labels=labels).loss) * scored
-                count += scored
-    return round(math.exp(nll / count), 6)
-
-
-def heldout_loss(model, encoded: list, pad_id: int, batch_size: int, tqdm, key: str) -> dict:
-    """Token-weighted mean NLL over the scored tokens. The LM head runs on the scored positions only, in chunks, so
-    a 262k vocabulary never materialises (batch, seq, vocab) logits."""
+def nll(model, encoded: list, pad_id: int = 0, batch_size: int = 1, progress=None) -> tuple[float, int]:
+    """(summed next-token NLL, number of scored tokens) over (token ids, 0/1 mask) rows: the one loss computation
+    every perplexity here comes from. Rows of similar length are batched with right padding (positions as in
+    training); the LM head runs on the scored positions only, in chunks, so a 262k vocabulary never materialises
+    (batch, seq, vocab) logits. `progress` wraps the batch loop (a tqdm)."""
     import torch
     import torch.nn.functional as F
 
-    started, total, count = time.time(), 0.0, 0
+    total, count = 0.0, 0
     head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     device = next(model.parameters()).device
     encoded = sorted(encoded, key=lambda e: len(e[0]))  # similar lengths together: less padding; the sum is order-free
-    for i in tqdm(range(0, len(encoded), batch_size), desc=f"[evaluate] {key} loss"):
+    for i in (progress or iter)(range(0, len(encoded), batch_size)):
         batch = encoded[i:i + batch_size]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([x + [pad_id] * (width - len(x)) for x, _ in batch], device=device)  # right padding: positions as in training
@@ -169,6 +155,21 @@ def heldout_loss(model, encoded: list, pad_id: int, batch_size: int, tqdm, key: 
     if count == 0:
         raise StageError("no tokens to score in the eval rows (every assistant turn is empty or truncated away); "
                          "check train.max_length and train.assistant_only_loss")
+    return total, count
+
+
+def perplexity(model, sequences: list[list[int]], masks: list[list[int]] | None = None) -> float:
+    """exp(mean next-token NLL), rounded to 6 decimals; with `masks`, only over the tokens marked 1 (e.g. assistant
+    turns, as in training). One row at a time (no padding): merge and gguf score a few short rows."""
+    masks = masks if masks is not None else [[1] * len(ids) for ids in sequences]
+    total, count = nll(model, list(zip(sequences, masks)))
+    return round(math.exp(total / count), 6)
+
+
+def heldout_loss(model, encoded: list, pad_id: int, batch_size: int, tqdm, key: str) -> dict:
+    """Token-weighted mean NLL and perplexity over the scored tokens of many rows, in batches (the evaluate stage)."""
+    started = time.time()
+    total, count = nll(model, encoded, pad_id, batch_size, lambda r: tqdm(r, desc=f"[evaluate] {key} loss"))
     return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count,
             "seconds": round(time.time() - started, 2)}
 
