@@ -76,7 +76,7 @@ demo: install
 	$(BIN)/hubforge demo $(RECIPE)
 
 test: install browser-deps lint-deps go-deps
-	$(BIN)/python -m pytest -m "$(TIERS)"
+	$(BIN)/python -m pytest -m "$(TIERS)" --durations=25
 
 test-unit: $(VENV)/.installed
 	$(BIN)/python -m pytest -m unit -q

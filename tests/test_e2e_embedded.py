@@ -7,6 +7,7 @@ what was published and checks it is usable and honestly documented.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -94,7 +95,24 @@ def test_published_repos_are_usable_from_a_fresh_client(demo_run):
     assert "adapter_model.safetensors" in out["adapter"]["files"] and "README.md" in out["adapter"]["files"]
     assert "model.safetensors" in out["merged"]["files"] and "tokenizer.model" in out["merged"]["files"]
     assert any(f.endswith("Q4_K_M.gguf") for f in out["gguf"]["files"])
+    # the embedded recipe's KL-budgeted mixture and the importance matrix are published beside the standard types
+    assert {"gemma-3-270m-persian-chat-AUTO.gguf", "gemma-3-270m-persian-chat.imatrix"} <= set(out["gguf"]["files"])
     for kind in ("adapter", "merged", "gguf"):
         assert out[kind]["license"] == "gemma"          # a Gemma derivative keeps Gemma's terms
         assert out[kind]["has_index"], kind            # eval numbers are in model-index, not only prose
     assert out["gguf_reply"].strip()
+
+
+def test_the_auto_gguf_meets_its_budget_and_is_smaller_than_q4_k_m(demo_run):
+    """Issue #14's goal on the embedded recipe: found automatically, measured by llama.cpp on held-out text, shown
+    in the card with the command that rebuilds it."""
+    work, _ = demo_run
+    quality = json.loads((work / "run/gguf/quality.json").read_text())
+    rows = {row["type"]: row for row in quality["files"]}
+    assert quality["auto"]["meets"], quality["auto"]
+    assert rows["AUTO"]["size"] < rows["Q4_K_M"]["size"]
+    assert rows["AUTO"]["llama_cpp"]["same_top"] >= 0.90 and math.exp(rows["AUTO"]["llama_cpp"]["ln_ppl_ratio"]) <= 1.05
+    assert rows["Q4_K_M"]["imatrix"] and rows["Q4_K_M"]["without_imatrix"]["mean_kld"] > 0
+    text = (work / "run/card/gguf/README.md").read_text("utf-8")
+    assert "gemma-3-270m-persian-chat-AUTO.gguf" in text and " ".join(quality["auto"]["quantize_args"]) in text
+    assert "Measured by llama.cpp itself" in text and "gemma-3-270m-persian-chat.imatrix" in text

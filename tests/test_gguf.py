@@ -48,7 +48,8 @@ def make(root: Path, **gguf):
 def exported(project, tmp_path_factory):
     from hubforge.stages import gguf, merge
 
-    recipe = make(project, quants=ALL_QUANTS, lora=True, split_above="2M")  # the F16 file (~3 MB) is split
+    recipe = make(project, quants=ALL_QUANTS, lora=True, split_above="2M",  # the F16 file (~3 MB) is split
+                  auto={"enabled": True, "min_top1": 0.6, "max_ppl_increase": 0.5})
     work = tmp_path_factory.mktemp("gguf-run")
     adapter = make_lora_adapter(project / "base", work / "adapter")
     run_dir = fake_run(work / "run", adapter, project / "data" / "chat.jsonl")
@@ -63,7 +64,8 @@ def test_every_type_is_written_hashed_loads_and_generates(exported):
 
     recipe, run_dir, result = exported
     files = {row["type"]: row for row in result["files"]}
-    assert list(files) == ["F16", *ALL_QUANTS]
+    assert list(files) == ["F16", *ALL_QUANTS] + (["AUTO"] if result["auto"]["meets"] else [])
+    files.pop("AUTO", None)
     for qtype, row in files.items():
         path = run_dir.path / row["file"]
         assert path.name == f"tiny-gguf-{qtype}.gguf"
@@ -94,6 +96,54 @@ def test_quality_table_is_written(exported):
         assert row["recommended"] is (row is quality["files"][0] or row["top1_agreement_vs_hf"] >= gguf.MIN_TOP1_RECOMMENDED)
     # The F16 file holds the merged weights: llama.cpp's perplexity over the scored tokens is the HF model's.
     assert abs(quality["files"][0]["perplexity"] / quality["reference"]["perplexity"] - 1) < 0.01
+
+
+def test_importance_matrix_and_llama_cpp_measurements_are_recorded(exported):
+    from gguf import GGUFReader
+
+    from hubforge import products
+
+    recipe, run_dir, result = exported
+    quality = json.loads((run_dir.path / "gguf" / "quality.json").read_text("utf-8"))
+    imatrix = quality["imatrix"]
+    assert imatrix["tied_output_head"] and imatrix["calibration"]["tokens"] > 256
+    assert imatrix["calibration"]["source"].startswith("the training split")
+    assert (run_dir.path / imatrix["file"]).name == products.imatrix_name(recipe)
+    assert {t.name for t in GGUFReader(run_dir.path / imatrix["file"]).tensors} >= {"token_embd.weight.in_sum2"}
+    if run_dir.stage("gguf")["status"] != "done":
+        run_dir.mark("gguf", status="done", result=result)
+    assert products.imatrix_name(recipe) in [name for name, _ in products.repo_contents(recipe, run_dir)["gguf"]]
+    f16, *quants = quality["files"]
+    assert f16["llama_cpp"]["mean_kld"] < 1e-4 and f16["llama_cpp"]["same_top"] > 0.999 and not f16["imatrix"]
+    for row in quants:
+        kl = row["llama_cpp"]
+        assert 0 <= kl["same_top"] <= 1 and 0 <= kl["mean_kld"] <= kl["p99_kld"] and kl["ppl"] > 1
+        assert row["imatrix"] == (row["type"] != "Q8_0")  # Q8_0's rounding takes no importance data
+        assert (row["without_imatrix"] is None) == (row["type"] in ("Q8_0", "AUTO"))
+    by_type = {row["type"]: row for row in quants}
+    assert by_type["Q2_K"]["llama_cpp"]["mean_kld"] > by_type["Q8_0"]["llama_cpp"]["mean_kld"]
+    # the matrix helps where rounding is coarse: at 2 bits the weighted rounding loses less than the plain one
+    assert by_type["Q2_K"]["llama_cpp"]["mean_kld"] < by_type["Q2_K"]["without_imatrix"]["mean_kld"]
+
+
+def test_auto_mixture_is_measured_and_its_types_are_the_ones_in_the_file(exported):
+    from gguf import GGUFReader
+
+    recipe, run_dir, result = exported
+    quality = json.loads((run_dir.path / "gguf" / "quality.json").read_text("utf-8"))
+    auto = quality["auto"]
+    assert auto["limits"] == {"disagree": 0.4, "ln_ppl_ratio": round(math.log(1.5), 6)}
+    assert auto["meets"], auto  # the Q8_0 reference alone meets so loose a budget
+    row = next(r for r in quality["files"] if r["type"] == "AUTO")
+    assert row["llama_cpp"]["same_top"] >= 0.6 and row["llama_cpp"]["ln_ppl_ratio"] <= math.log(1.5)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(run_dir.path / row["file"]).tensors}
+    assert types["token_embd.weight"] == auto["types"]["token_embd"] == row["tensor_types"]["token_embd"]
+    assert auto["quantize_args"][0] == "llama-quantize" and "--token-embedding-type" in auto["quantize_args"]
+    assert row["size"] <= by_size(quality, "Q8_0")
+
+
+def by_size(quality: dict, qtype: str) -> int:
+    return next(r["size"] for r in quality["files"] if r["type"] == qtype)
 
 
 def test_chat_template_and_special_ids_travel_inside(exported):

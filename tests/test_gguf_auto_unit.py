@@ -116,3 +116,28 @@ def test_parse_kld_reads_llama_perplexity_summary():
 def test_parse_kld_names_what_is_missing():
     with pytest.raises(llamatools.LlamaToolError, match="same_top"):
         llamatools.parse_kld(KLD_OUTPUT.replace("Same top p", "Something else"))
+
+
+QUANTIZE_OUTPUT = """
+[  12/ 236]              blk.0.attn_k.weight - [  640,   256,     1,     1], type =    f16,
+warning: blk.0.attn_k.weight                  - ncols    640 not divisible by 256 (required for type    q6_K) -> falling back to    q8_0
+warning: blk.0.attn_q.weight                  - ncols    640 not divisible by 256 (required for type    q4_K) -> falling back to    q5_0
+warning: blk.1.attn_q.weight                  - ncols    640 not divisible by 256 (required for type    q4_K) -> falling back to    q5_0
+"""
+
+
+def test_fallback_warnings_are_counted_per_kind():
+    assert llamatools.fallbacks(QUANTIZE_OUTPUT) == [
+        {"columns": 640, "block": 256, "wanted": "Q4_K", "used": "Q5_0", "tensors": 2},
+        {"columns": 640, "block": 256, "wanted": "Q6_K", "used": "Q8_0", "tensors": 1}]
+    assert llamatools.fallbacks("no warnings here") == []
+
+
+def test_the_stage_summarises_fallbacks_in_one_line():
+    from hubforge.stages import gguf
+
+    per_file = llamatools.fallbacks(QUANTIZE_OUTPUT)
+    note = gguf.fallback_note({"Q4_K_M": per_file, "Q8_0": []})
+    assert note.count("\n") == 0 and "1 of 2 quants" in note and "Q4_K->Q5_0 (2)" in note
+    assert "640 columns are not a multiple of 256" in note
+    assert gguf.fallback_note({"Q8_0": []}) is None

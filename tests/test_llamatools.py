@@ -43,6 +43,12 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
 
 
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    from gguf import GGUFReader
+
+    return {t.name: [int(x) for x in t.shape] for t in GGUFReader(path).tensors}
+
+
 def tensor_bytes(path: Path) -> dict[str, bytes]:
     from gguf import GGUFReader
 
@@ -63,6 +69,38 @@ def test_imatrix_is_written_and_changes_the_quantized_weights(work):
     plain, imat = (tensor_bytes(work / n) for n in ("plain.gguf", "imat.gguf"))
     assert plain.keys() == imat.keys()
     assert any(plain[k] != imat[k] for k in plain if ".ffn_down." in k)  # weighted rounding picked other values
+
+
+@pytest.mark.integration
+def test_a_tied_output_head_gets_importance_data_and_it_changes_the_embedding(work):
+    """llama-imatrix skips token_embd (the tied head is never named output.weight); gguf_imatrix records it through
+    an untied view, and llama-quantize then rounds the embedding differently."""
+    from hubforge import gguf_imatrix
+
+    log, f16 = work / "tied.log", work / "f16.gguf"
+    assert gguf_imatrix.tensor_names(f16) >= {"token_embd.weight"} and "output.weight" not in gguf_imatrix.tensor_names(f16)
+    llamatools.imatrix(f16, work / "calib.txt", work / "plain-imatrix.gguf", log=log, ctx=CTX)
+    assert not any(n.startswith("token_embd.") for n in gguf_imatrix.tensor_names(work / "plain-imatrix.gguf"))
+    info = gguf_imatrix.compute(f16, work / "calib.txt", work / "tied.imatrix", log=log, ctx=CTX)
+    names = gguf_imatrix.tensor_names(work / "tied.imatrix")
+    assert info["tied_head"] and {"token_embd.weight.in_sum2", "token_embd.weight.counts"} <= names
+    assert not any(n.startswith("output.") for n in names) and not list(work.glob("tied.*.gguf"))  # views removed
+    for name, imatrix in (("head-plain", work / "plain-imatrix.gguf"), ("head-tied", work / "tied.imatrix")):
+        llamatools.quantize(f16, work / f"{name}.gguf", "Q8_0", log=log, imatrix=imatrix, token_embedding_type="Q5_0")
+    plain, tied = (tensor_bytes(work / f"{n}.gguf") for n in ("head-plain", "head-tied"))
+    assert tensor_types(work / "head-tied.gguf")["token_embd.weight"] == "Q5_0"
+    assert plain["token_embd.weight"] != tied["token_embd.weight"]
+    assert all(plain[k] == tied[k] for k in plain if k != "token_embd.weight")  # Q8_0 ignores importance data
+
+
+@pytest.mark.integration
+def test_quantize_reports_type_fallbacks(work):
+    report: dict = {}
+    llamatools.quantize(work / "f16.gguf", work / "fallback.gguf", "Q4_K_M", log=work / "fallback.log", report=report)
+    shapes = {t: s for t, s in tensor_shapes(work / "f16.gguf").items() if t.endswith(".weight") and len(s) == 2}
+    narrow = sum(1 for s in shapes.values() if s[0] % 256)
+    assert (sum(f["tensors"] for f in report["fallbacks"]) > 0) == (narrow > 0)
+    assert all(f["columns"] % f["block"] for f in report["fallbacks"])
 
 
 @pytest.mark.integration

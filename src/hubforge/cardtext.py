@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
+import math
 import re
 import shlex
 from pathlib import Path
@@ -223,8 +224,33 @@ def quant_rows(files: list[dict]) -> list[dict]:
              "tps": f"{f['tokens_per_s']:.1f}" if isinstance(f.get("tokens_per_s"), (int, float)) else "–",
              "kl": f"{f['kl_vs_hf']:.2g}" if isinstance(f.get("kl_vs_hf"), (int, float)) else "–",
              "top1": pct(f.get("top1_agreement_vs_hf")), "agree": pct(f.get("greedy_agreement")),
+             "heldout": f"{f['heldout_top1_vs_hf']:.1%}" if isinstance(f.get("heldout_top1_vs_hf"), float) else "–",
              "flag": " ⚠️" if f.get("recommended") is False else "",
              "sha": ((f.get("parts") or [f])[0].get("sha256") or "")[:12]} for f in files]
+
+
+def llama_rows(files: list[dict]) -> list[dict]:
+    """The llama.cpp-measured quality table: each quantized file's KL divergence from the F16 file, and the same type
+    without the importance matrix where the run measured it."""
+    def kl(m: dict | None) -> dict:
+        return {"top": f"{m['same_top']:.1%}", "kld": f"{m['mean_kld']:.3g}", "p99": f"{m['p99_kld']:.3g}",
+                "ppl": f"{math.exp(m['ln_ppl_ratio']) - 1:+.1%}"} if m else {}
+    return [{"type": f["type"], "size": f"{f['size'] / 1e6:,.1f} MB", "imatrix": yes(f.get("imatrix")),
+             **kl(f["llama_cpp"]), "plain": kl(f.get("without_imatrix")),
+             "plain_size": f"{f['without_imatrix']['size'] / 1e6:,.1f} MB" if f.get("without_imatrix") else ""}
+            for f in files[1:] if f.get("llama_cpp")]
+
+
+def auto_note(recipe, gguf: dict) -> dict | None:
+    """What the card says about export.gguf.auto: the budget, the verdict, the types and the command."""
+    auto = gguf.get("auto")
+    if not recipe.export.gguf.auto.enabled or not auto:
+        return None
+    cfg = recipe.export.gguf.auto
+    types = ", ".join(f"{k} {v}" for k, v in (auto.get("types") or {}).items())
+    return {"file": products.gguf_name(recipe, products.AUTO_GGUF_TYPE), "meets": auto.get("meets"), "budget": f"same top token as F16 on at least {cfg.min_top1:.0%} of held-out "
+            f"positions and perplexity at most {cfg.max_ppl_increase:.0%} above F16", "types": types,
+            "command": " ".join(auto.get("quantize_args") or []), "reason": auto.get("reason")}
 
 
 def run_year(manifest: dict) -> int:
@@ -335,6 +361,8 @@ def card_context(kind: str, recipe, manifest: dict, results: dict, data: ModelCa
         "not_recommended_count": sum(f.get("recommended") is False for f in files),
         "default_gguf": default_gguf, "default_quant": default_gguf.removeprefix(f"{recipe.name}-").removesuffix(".gguf"),
         "lora_gguf": Path(lora["file"]).name if isinstance(lora, dict) and lora.get("file") else None,
+        "llama_rows": llama_rows(files), "imatrix": res["gguf"].get("imatrix"),
+        "kl_text": res["gguf"].get("llama_cpp_kld"), "auto": auto_note(recipe, res["gguf"]),
         "ollama_stop": ", ".join(f"`{s}`" for s in (res["gguf"].get("ollama") or {}).get("stop") or []),
         "split": ", ".join(f"`{Path(f['file']).name}`" for f in files if f.get("parts")),
         "split_count": sum(bool(f.get("parts")) for f in files),

@@ -63,8 +63,10 @@ def _renamed(name: str, rename: dict[str, str]) -> str:
     return next((new + name[len(old):] for old, new in rename.items() if name.startswith(old)), name)
 
 
-def compute(f16_gguf: Path, text_file: Path, out: Path, *, log: Path, ctx: int = 512, chunks: int | None = None) -> dict:
-    """Importance matrix of `f16_gguf` over `text_file` into `out` (llama.cpp's GGUF imatrix format). Returns
+def compute(f16_gguf: Path, text_file: Path, out: Path, *, log: Path, ctx: int = 512, chunks: int | None = None,
+            work: Path | None = None) -> dict:
+    """Importance matrix of `f16_gguf` over `text_file` into `out` (llama.cpp's GGUF imatrix format); the untied
+    view (the model's size plus its embedding) is written in `work` (default: beside `out`) and removed. Returns
     {tied_head, seconds, tensors}: whether the tied output head got its statistics through an untied view."""
     start = time.monotonic()
     names = tensor_names(f16_gguf)
@@ -73,7 +75,9 @@ def compute(f16_gguf: Path, text_file: Path, out: Path, *, log: Path, ctx: int =
     if not tied:
         llamatools.imatrix(f16_gguf, text_file, out, log=log, ctx=ctx, chunks=chunks, process_output=True)
     else:
-        view, raw = out.with_name(out.stem + ".untied.gguf"), out.with_name(out.stem + ".head.gguf")
+        folder = Path(work or out.parent)
+        folder.mkdir(parents=True, exist_ok=True)
+        view, raw = folder / (out.name + ".untied.gguf"), folder / (out.name + ".head.gguf")
         try:
             copy_gguf(f16_gguf, view, duplicate={HEAD: EMBEDDINGS})
             llamatools.imatrix(view, text_file, raw, log=log, ctx=ctx, chunks=chunks, process_output=True)

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # ggml's CPU backend and torch both use OpenMP; with the default spin-waiting, a process that has imported torch
@@ -143,6 +144,31 @@ def quantize(src: Path, dst: Path, qtype: str, nthread: int | None = None) -> fl
     return time.time() - started
 
 
+@contextmanager
+def log_to(path: Path):
+    """Send llama.cpp's own log lines from this process (every load prints dozens, e.g. `llama_kv_cache_iswa`) to
+    `path` instead of the terminal, for the duration of the block; llama-cpp-python's own handler comes back after.
+    Its verbose=False still lets warnings such as `n_ctx_seq > n_ctx_train` of a vocab-only load through."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    restore = getattr(_logger, "llama_log_callback", None)
+    if restore is None:
+        raise LlamaCppError(f"llama-cpp-python {llama_cpp.__version__} has no llama_cpp._logger.llama_log_callback to "
+                            f"restore after logging to a file; hubforge pins {LLAMA_CPP_PYTHON_VERSION}")
+    with open(path, "a", encoding="utf-8", errors="replace") as fh:
+        @llama_cpp.llama_log_callback
+        def write(level: int, text: bytes, user_data) -> None:
+            fh.write(text.decode("utf-8", errors="replace"))
+
+        llama_cpp.llama_log_set(write, ctypes.c_void_p(0))
+        try:
+            yield path
+        finally:
+            fh.flush()
+            llama_cpp.llama_log_set(restore, ctypes.c_void_p(0))
+
+
 def load(path: Path, *, n_ctx: int = 512, logits_all: bool = False, vocab_only: bool = False, lora: Path | None = None):
     """A `llama_cpp.Llama` for the file (close it when done: `with closing(load(...)) as llm`)."""
     import llama_cpp
@@ -175,9 +201,11 @@ def logits(llm, ids: list[int]):
     return np.array(llm.scores[: len(ids)], dtype=np.float64)
 
 
-def perplexity(llm, sequences: list[list[int]], masks: list[list[int]] | None = None) -> float:
+def perplexity(llm, sequences: list[list[int]], masks: list[list[int]] | None = None,
+               choices: list | None = None) -> float:
     """exp(mean next-token NLL) over token-id sequences, from llama.cpp's own logits (needs logits_all=True);
-    with `masks`, only over the target tokens marked 1 (as hubforge.stages.merge.perplexity does for HF)."""
+    with `masks`, only over the target tokens marked 1 (as hubforge.scoring.perplexity does for HF). `choices`,
+    when given, receives per sequence the argmax token at each scored position."""
     import numpy as np
 
     nll, count = 0.0, 0
@@ -189,6 +217,8 @@ def perplexity(llm, sequences: list[list[int]], masks: list[list[int]] | None = 
         scored = np.ones(len(scores), bool) if masks is None else np.asarray(masks[i][1 : len(scores) + 1], bool)
         nll += float(token_nll[scored].sum())
         count += int(scored.sum())
+        if choices is not None:
+            choices.append(scores.argmax(axis=1)[scored])
     return float(np.exp(nll / max(count, 1)))
 
 

@@ -156,12 +156,29 @@ def quantize_args(qtype: str, imatrix: Path | None = None, tensor_types: dict[st
 
 def quantize(src: Path, dst: Path, qtype: str, *, log: Path, imatrix: Path | None = None,
              tensor_types: dict[str, str] | None = None, token_embedding_type: str | None = None,
-             output_tensor_type: str | None = None, threads: int | None = None) -> float:
+             output_tensor_type: str | None = None, threads: int | None = None, report: dict | None = None) -> float:
     """`src` (F16/BF16/F32 GGUF) -> `dst` as `qtype` (Q4_K_M, ...), optionally with an importance matrix and
-    per-tensor types ({regex on tensor names: type}, e.g. {"attn_v": "Q8_0", r"blk\\.0\\.": "Q8_0"}). Returns seconds."""
+    per-tensor types ({regex on tensor names: type}, e.g. {"attn_v": "Q8_0", r"blk\\.0\\.": "Q8_0"}). Returns seconds;
+    `report`, when given, receives {"fallbacks": fallbacks(output)}."""
     cmd = [tool("llama-quantize"), *quantize_args(qtype, imatrix, tensor_types, token_embedding_type, output_tensor_type),
            src, dst, qtype, _threads(threads)]
-    return _run(cmd, log, f"llama-quantize {Path(src).name} -> {qtype}")[0]
+    seconds, text = _run(cmd, log, f"llama-quantize {Path(src).name} -> {qtype}")
+    if report is not None:
+        report["fallbacks"] = fallbacks(text)
+    return seconds
+
+
+FALLBACK = re.compile(r"ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\w+)\) -> falling back to\s+(\w+)")
+
+
+def fallbacks(text: str) -> list[dict]:
+    """llama-quantize's "ncols 640 not divisible by 256 (required for type q6_K) -> falling back to q8_0" warnings,
+    counted per (columns, block, wanted, used): the tensors whose rows cannot hold the type asked for."""
+    counts: dict[tuple, int] = {}
+    for found in FALLBACK.finditer(text):
+        key = (int(found[1]), int(found[2]), found[3].upper(), found[4].upper())
+        counts[key] = counts.get(key, 0) + 1
+    return [{"columns": c, "block": b, "wanted": w, "used": u, "tensors": n} for (c, b, w, u), n in sorted(counts.items())]
 
 
 def kld_base(f16_gguf: Path, text_file: Path, out_logits: Path, *, log: Path, ctx: int = 512,

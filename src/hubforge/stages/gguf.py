@@ -2,21 +2,27 @@
 
     hubforge run recipes/gemma-3-270m/persian-chat-lora.yaml --stages gguf
 
-Outputs in `gguf/`: `<name>-<TYPE>.gguf` (export.gguf.outtype, then each of export.gguf.quants), with
-export.gguf.lora also `<name>-LoRA-F16.gguf`, and `quality.json`: the quant quality table the GGUF card shows; a file
-over export.gguf.split_above also as `<name>-<TYPE>-0000N-of-0000M.gguf` parts (what the repo gets), and Ollama's
-`template` and `params` (hubforge.ollama) when the chat template is one of the families it knows.
+Outputs in `gguf/`: `<name>-<TYPE>.gguf` (export.gguf.outtype, then each of export.gguf.quants, then `AUTO` when
+export.gguf.auto finds a mixture that meets its budget), with export.gguf.lora also `<name>-LoRA-F16.gguf`;
+`<name>.imatrix` (the importance matrix every quant was made with); `quality.json`: the quality table the GGUF card
+shows; `llama.log`: everything llama.cpp printed. A file over export.gguf.split_above also as
+`<name>-<TYPE>-0000N-of-0000M.gguf` parts (what the repo gets), and Ollama's `template` and `params`
+(hubforge.ollama) when the chat template is one of the families it knows.
 
 1. Preflight: the converter knows the architecture, a LoRA adapter carries only what llama.cpp applies, and the
    disk holds the expected sizes. 2. Convert with llama.cpp's own converter (hubforge.llamacpp). 3. Tokenizer probe:
    HF tokenizer vs the GGUF vocabulary as llama.cpp reads it, on multilingual text, control tokens and whitespace
-   runs, plus BOS/EOS ids and the chat template; any difference stops the stage. 4. Quantize with llama.cpp's
-   quantizer. 5. Load every file in llama.cpp: greedy agreement with the merged HF model (float32 compute), where
-   the full-precision file must agree exactly on the first tokens of every prompt; perplexity on held-out rows from
-   llama.cpp's logits, over the tokens training scored (assistant turns for chat recipes with assistant-only loss,
-   so the full-precision file's number is the card's tuned perplexity); tokens/s. A file whose next-token choice
-   leaves the merged model's on most positions is published but marked not recommended. 6. LoRA-GGUF: base f16
-   GGUF + adapter must give the merged f16's greedy text.
+   runs, plus BOS/EOS ids and the chat template; any difference stops the stage. 4. llama.cpp's reference: the
+   full-precision file's log-probabilities on the held-out rows (llama-perplexity). 5. Importance matrix on the
+   training split (hubforge.gguf_imatrix; a tied output head included). 6. Quantize every type with it
+   (llama-quantize), and once more without it to record what it changed. 7. AUTO: the smallest per-tensor mixture
+   whose measured same-top share and perplexity meet the recipe's budget (hubforge.gguf_auto). 8. Measure every
+   file: llama.cpp's KL divergence from the full-precision file on the held-out text; and, against the merged HF
+   model (float32 compute), greedy agreement, where the full-precision file must agree exactly on every step that
+   is not a near-tie, perplexity over the tokens training scored (so the full-precision file's number is the
+   card's tuned perplexity), tokens/s. A file whose next-token choice leaves the merged model's on most positions is
+   published but marked not recommended. 9. LoRA-GGUF: base f16 GGUF + adapter must give the merged f16's greedy
+   text. The terminal gets one line per step; llama.cpp's own output goes to `gguf/llama.log`.
 """
 from __future__ import annotations
 
@@ -61,6 +67,9 @@ MAX_MEAN_KL = 1e-3
 # (tests/test_gguf_embedded.py, 3 prompts x 16 tokens): max 0.025. Every run records it again as `margin_noise_max`.
 # 0.1 is 4x the largest seen; a file that computes another function moves margins far more and fails the KL gate too.
 TIE_MARGIN = 0.1
+# Types whose rounding takes no importance data (ggml's quantize_q8_0 has no weights argument): a run whose quants
+# are only these skips the matrix (stand-in runs export F16 + Q8_0).
+IGNORE_IMATRIX = {"Q8_0"}
 # llama-perplexity scores the second half of each ctx-token chunk and needs two chunks: the held-out text is read
 # with the largest of these that fits it; below the smallest, llama.cpp's own columns are left out.
 KL_CTX, MIN_KL_CTX = (512, 256, 128), 128
@@ -72,7 +81,12 @@ SECTIONS = ('name', 'base', 'data', 'eval', 'export', 'method', 'train')
 
 def run(recipe, run_dir) -> dict:
     try:
-        return export(recipe, run_dir)
+        if products.gguf_skip_reason(recipe) is not None:
+            return export(recipe, run_dir)
+        log = run_dir.stage_dir("gguf") / "llama.log"  # llama.cpp's own output: hundreds of lines per run
+        log.unlink(missing_ok=True)
+        with llamacpp.log_to(log):
+            return export(recipe, run_dir)
     except (llamacpp.LlamaCppError, llamatools.LlamaToolError) as exc:  # missing tools, refusals: user-facing
         raise StageError(str(exc)) from None
 
@@ -121,8 +135,7 @@ def export(recipe, run_dir) -> dict:
                          "wrongly).")
 
     # ---- llama.cpp's own measurement: reference log-probabilities of the full-precision file on held-out text
-    log = out / "llama.log"  # everything llama.cpp's tools print (hundreds of lines); the terminal gets one per step
-    log.unlink(missing_ok=True)
+    log = out / "llama.log"  # everything llama.cpp prints; the terminal gets one line per step (run() opened it)
     heldout, kl_ctx, kl_text = llama_text(held_out_rows(run_dir), tokenizer, template, work / "heldout.txt", special=False)
     kl_base = work / "f16.kld"
     if kl_ctx:
@@ -134,24 +147,30 @@ def export(recipe, run_dir) -> dict:
 
     # ---- importance matrix on calibration text (the training split unless the recipe names a file)
     imatrix = imatrix_info = None
-    if cfg.imatrix.enabled:
+    if cfg.imatrix.enabled and (cfg.auto.enabled or set(cfg.quants) - IGNORE_IMATRIX):
         calib, ctx, calib_info = calibration_text(recipe, run_dir, tokenizer, template, work / "calibration.txt")
         imatrix = out / products.imatrix_name(recipe)
-        done = gguf_imatrix.compute(full, calib, imatrix, log=log, ctx=ctx, chunks=max(1, cfg.imatrix.max_tokens // ctx))
+        done = gguf_imatrix.compute(full, calib, imatrix, log=log, ctx=ctx, chunks=max(1, cfg.imatrix.max_tokens // ctx),
+                                    work=work)
         seconds["imatrix"] = done["seconds"]
         imatrix_info = {"file": str(imatrix.relative_to(run_dir.path)), "sha256": sha256_file(imatrix),
                         "calibration": calib_info, "tied_output_head": done["tied_head"], "tensors": done["tensors"]}
         say(f"importance matrix: {calib_info['tokens']} tokens of {calib_info['source']} ({done['seconds']:.0f} s)")
 
     # ---- quantize (with the matrix), and the same type without it for comparison
-    files, plain = [(cfg.outtype, full)], {}
+    files, plain, fallbacks = [(cfg.outtype, full)], {}, {}
     for qtype in cfg.quants:
         files.append((qtype, out / products.gguf_name(recipe, qtype)))
-        seconds[qtype] = llamatools.quantize(full, files[-1][1], qtype, log=log, imatrix=imatrix)
-        if imatrix and cfg.imatrix.compare_plain and kl_ctx:
+        report: dict = {}
+        seconds[qtype] = llamatools.quantize(full, files[-1][1], qtype, log=log, imatrix=imatrix, report=report)
+        fallbacks[qtype] = report["fallbacks"]
+        if imatrix and cfg.imatrix.compare_plain and kl_ctx and qtype not in IGNORE_IMATRIX:
             llamatools.quantize(full, work / "plain.gguf", qtype, log=log)
             plain[qtype] = kl_columns(llamatools.kld(work / "plain.gguf", kl_base, log=log, ctx=kl_ctx))
             plain[qtype]["size"] = (work / "plain.gguf").stat().st_size
+
+    if note := fallback_note(fallbacks):
+        say(note)
 
     # ---- the smallest per-tensor mixture that meets the recipe's budget, measured before it counts
     auto = None
@@ -160,8 +179,10 @@ def export(recipe, run_dir) -> dict:
         seconds["auto"] = auto.pop("seconds")
         if auto["meets"]:
             files.append((products.AUTO_GGUF_TYPE, out / products.gguf_name(recipe, products.AUTO_GGUF_TYPE)))
+    started = time.monotonic()
     llama_kl = {qtype: kl_columns(llamatools.kld(path, kl_base, log=log, ctx=kl_ctx)) if kl_ctx else None
                 for qtype, path in files}
+    seconds["kl_files"] = time.monotonic() - started
 
     # ---- every file loads, generates and is measured against the merged HF model
     ppl_ids, ppl_masks, held_out = scored_held_out(recipe, run_dir, tokenizer, template,
@@ -169,14 +190,17 @@ def export(recipe, run_dir) -> dict:
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) if tokenizer.chat_template
                else list(tokenizer(p)["input_ids"]) for p in (recipe.eval.prompts or PROMPTS)[:3]]
     stop = set(stop_ids(model_dir))
+    started = time.monotonic()
     reference = hf_reference(model_dir, prompts, ppl_ids, ppl_masks, stop)
     rows = [measure(path, qtype, prompts, (ppl_ids, ppl_masks), reference, stop, run_dir) for qtype, path in files]
+    seconds["measure_vs_hf"] = time.monotonic() - started
     for row in rows:
         row["delta_ppl_vs_f16"] = round(row["perplexity"] - rows[0]["perplexity"], 6)
         row["recommended"] = row is rows[0] or row["top1_agreement_vs_hf"] >= MIN_TOP1_RECOMMENDED
-        row["imatrix"] = imatrix is not None and row is not rows[0]
+        row["imatrix"] = imatrix is not None and row is not rows[0] and row["type"] not in IGNORE_IMATRIX
         row["llama_cpp"] = llama_kl[row["type"]]
         row["without_imatrix"] = plain.get(row["type"])
+        row["fallbacks"] = fallbacks.get(row["type"], [])
         if row["type"] == products.AUTO_GGUF_TYPE:
             row["quantize_args"], row["tensor_types"] = auto["quantize_args"], auto["types"]
     decisive = [d for d in rows[0]["greedy_divergences"] if not d["tie"]]
@@ -205,6 +229,8 @@ def export(recipe, run_dir) -> dict:
                "columns": {"perplexity": f"exp(mean NLL) on the held-out {held_out['tokens_scored']} tokens (llama.cpp)",
                            "kl_vs_hf": "mean KL(merged HF || GGUF) on the prompt tokens",
                            "top1_agreement_vs_hf": "share of prompt positions with the same next-token argmax",
+                           "heldout_top1_vs_hf": "share of the held-out positions perplexity scores where the file "
+                                                 "and the merged model pick the same next token",
                            "greedy_agreement": f"share of the HF greedy continuation (<= {MAX_NEW_TOKENS} tokens) reproduced",
                            "decisive_agreement": "share of the HF greedy continuation's steps that are not near-ties "
                                                  f"(HF top-2 margin > {TIE_MARGIN:g}) where the GGUF, fed the HF tokens, "
@@ -227,7 +253,8 @@ def export(recipe, run_dir) -> dict:
     for row in rows:
         say(verdict(row))
     return {"files": quality["files"], "quality": "gguf/quality.json", "held_out": held_out, "tokenizer_probe": probe,
-            "imatrix": imatrix_info, "auto": auto and {k: auto[k] for k in ("meets", "size", "types")},
+            "imatrix": imatrix_info, "llama_cpp_kld": {"ctx": kl_ctx or None, **kl_text},
+            "auto": auto and {k: auto.get(k) for k in ("meets", "size", "types", "quantize_args", "limits", "reason")},
             "lora_gguf": lora, "ollama": runtime, "outtype": cfg.outtype,
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "converter": f"llama.cpp from the llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION} sdist"}
@@ -286,6 +313,21 @@ def calibration_text(recipe, run_dir, tokenizer, template, dest: Path) -> tuple[
     return dest, ctx, {**info, "ctx": ctx, "chunks": min(info["tokens"], recipe.export.gguf.imatrix.max_tokens) // ctx}
 
 
+def fallback_note(fallbacks: dict[str, list[dict]]) -> str | None:
+    """One line for every quant's type fallbacks (llama-quantize prints one warning per tensor and file)."""
+    seen: dict[tuple, int] = {}
+    for rows in fallbacks.values():
+        for f in rows:
+            key = (f["columns"], f["block"], f["wanted"], f["used"])
+            seen[key] = max(seen.get(key, 0), f["tensors"])
+    if not seen:
+        return None
+    parts = ", ".join(f"{w}->{u} ({n})" for (_, _, w, u), n in sorted(seen.items()))
+    widths = sorted({(c, b) for c, b, _, _ in seen})
+    why = "; ".join(f"{c} columns are not a multiple of {b}" for c, b in widths)
+    return f"type fallbacks in {sum(1 for v in fallbacks.values() if v)} of {len(fallbacks)} quants, tensors per file: {parts} because {why} (details: quality.json)"
+
+
 def kl_columns(measured: dict) -> dict:
     return {k: measured[k] for k in ("mean_kld", "p99_kld", "same_top", "ppl", "ln_ppl_ratio")}
 
@@ -321,8 +363,9 @@ def auto_mixture(recipe, full: Path, work: Path, kl_base: Path, ctx: int, imatri
 def verdict(row: dict) -> str:
     kl = row.get("llama_cpp") or {}
     same = f", same top {kl['same_top']:.1%}" if kl else ""
-    return (f"{Path(row['file']).name}: {row['size'] / 2**20:.1f} MiB, next-token agreement {row['top1_agreement_vs_hf']:.0%}"
-            f"{same}, perplexity {row['perplexity']:.3g}" + ("" if row["recommended"] else " (not recommended)"))
+    return (f"{Path(row['file']).name}: {row['size'] / 2**20:.1f} MiB, next-token agreement with the merged model "
+            f"{row['heldout_top1_vs_hf']:.1%} held out / {row['top1_agreement_vs_hf']:.0%} on the prompts{same}, "
+            f"perplexity {row['perplexity']:.3g}" + ("" if row["recommended"] else " (not recommended)"))
 
 
 # ---------------------------------------------------------------- checks
@@ -373,6 +416,7 @@ def hf_reference(model_dir: Path, prompts: list[list[int]], ppl_ids: list[list[i
                  stop: set[int]) -> dict:
     """Greedy tokens and held-out perplexity of the merged checkpoint in float32 (what the GGUFs are held to), and
     its log-probabilities over each prompt followed by its own greedy continuation (for the teacher-forced check)."""
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -384,13 +428,20 @@ def hf_reference(model_dir: Path, prompts: list[list[int]], ppl_ids: list[list[i
                                  max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
             greedy.append(out[: next((i + 1 for i, t in enumerate(out) if t in stop), len(out))])
             logprobs.append(model(torch.tensor([ids + greedy[-1]])).logits[0].double().log_softmax(-1))
-    return {"greedy": greedy, "logprobs": logprobs, "perplexity": perplexity(model, ppl_ids, ppl_masks)}
+        # the merged model's next-token choice at every scored held-out position (the GGUFs' held-out agreement)
+        choices = [model(torch.tensor([ids])).logits[0, :-1].argmax(-1).numpy()[np.asarray(mask[1:], bool)]
+                   for ids, mask in zip(ppl_ids, ppl_masks)]
+    return {"greedy": greedy, "logprobs": logprobs, "perplexity": perplexity(model, ppl_ids, ppl_masks),
+            "choices": choices}
 
 
 def measure(path: Path, qtype: str, prompts, held_out: tuple, reference: dict, stop: set[int], run_dir) -> dict:
     """One row of the quality table: the file loads in llama.cpp, generates, and how close it stays to the HF model."""
+    import numpy as np
+
     with closing(llamacpp.load(path, n_ctx=PPL_TOKENS, logits_all=True)) as llm:
-        ppl = llamacpp.perplexity(llm, *held_out)
+        choices: list = []
+        ppl = llamacpp.perplexity(llm, *held_out, choices=choices)
         forced = [llamacpp.logits(llm, ids + ref) for ids, ref in zip(prompts, reference["greedy"])]
     with closing(llamacpp.load(path, n_ctx=512)) as llm:
         stats = llamacpp.model_stats(llm)
@@ -404,6 +455,8 @@ def measure(path: Path, qtype: str, prompts, held_out: tuple, reference: dict, s
             "sha256": sha256_file(path),
             "bits_per_weight": stats["bits_per_weight"], "perplexity": round(ppl, 6), "tokens_per_s": round(rate, 1),
             "kl_vs_hf": float(f"{kl:.3g}"), "top1_agreement_vs_hf": round(top1, 4),
+            "heldout_top1_vs_hf": round(float(np.mean(np.concatenate(
+                [got == want for got, want in zip(choices, reference["choices"])]))), 4),
             "greedy_agreement": round(sum(n / max(len(r), 1) for n, r in zip(shared, reference["greedy"])) / len(prompts), 4),
             **check, "greedy": greedy}
 
