@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -114,5 +115,5 @@ def test_the_auto_gguf_meets_its_budget_and_is_smaller_than_q4_k_m(demo_run):
     assert rows["AUTO"]["llama_cpp"]["same_top"] >= 0.90 and math.exp(rows["AUTO"]["llama_cpp"]["ln_ppl_ratio"]) <= 1.05
     assert rows["Q4_K_M"]["imatrix"] and rows["Q4_K_M"]["without_imatrix"]["mean_kld"] > 0
     text = (work / "run/card/gguf/README.md").read_text("utf-8")
-    assert "gemma-3-270m-persian-chat-AUTO.gguf" in text and " ".join(quality["auto"]["quantize_args"]) in text
+    assert "gemma-3-270m-persian-chat-AUTO.gguf" in text and shlex.join(quality["auto"]["quantize_args"]) in text
     assert "Measured by llama.cpp itself" in text and "gemma-3-270m-persian-chat.imatrix" in text

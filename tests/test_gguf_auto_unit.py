@@ -141,3 +141,28 @@ def test_the_stage_summarises_fallbacks_in_one_line():
     assert note.count("\n") == 0 and "1 of 2 quants" in note and "Q4_K->Q5_0 (2)" in note
     assert "640 columns are not a multiple of 256" in note
     assert gguf.fallback_note({"Q8_0": []}) is None
+
+
+def test_an_auto_file_that_misses_the_budget_against_the_merged_model_is_dropped(tmp_path):
+    from hubforge.recipe import resolve
+    from hubforge.stages import gguf
+
+    raw = {"name": "tt", "base": {"model": "embedded:gemma-3-270m"}, "data": {"hub": "x/y", "format": "messages"},
+           "method": {"name": "lora"}, "export": {"gguf": {"auto": {"enabled": True, "min_top1": 0.9, "max_ppl_increase": 0.05}}}}
+    recipe = resolve(raw, root=tmp_path, source="<test>")
+    f16 = {"type": "F16", "perplexity": 4.0, "heldout_top1_vs_hf": 1.0}
+
+    def check(top1: float, ppl: float) -> tuple[list, dict]:
+        (tmp_path / "tt-AUTO.gguf").write_bytes(b"gguf")
+        auto = {"meets": True}
+        rows = gguf.hf_check_auto(recipe, [f16, {"type": "AUTO", "perplexity": ppl, "heldout_top1_vs_hf": top1}], auto, tmp_path)
+        return [r["type"] for r in rows], auto
+
+    assert check(0.93, 4.15) == (["F16", "AUTO"], {"meets": True, "hf_check": {
+        "heldout_top1_vs_hf": 0.93, "perplexity": 4.15, "perplexity_limit": 4.2, "meets": True}})
+    assert (tmp_path / "tt-AUTO.gguf").exists()
+    types, auto = check(0.88, 4.15)
+    assert types == ["F16"] and not auto["meets"] and "agreement 88.0% < 90%" in auto["reason"]
+    assert not (tmp_path / "tt-AUTO.gguf").exists()  # never published
+    types, auto = check(0.95, 4.3)
+    assert types == ["F16"] and "perplexity 4.3 > 4.2" in auto["reason"]

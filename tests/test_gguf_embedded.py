@@ -23,7 +23,9 @@ def test_embedded_lora_merges_and_exports_verified(tmp_path, persian_chat_file):
     from hubforge.stages import gguf, merge
 
     raw = {"name": "embedded-gguf", "base": {"model": "embedded:gemma-3-270m"}, "data": {"hub": "hubforge/unused", "format": "messages"},
-           "method": {"name": "lora"}, "eval": {"max_samples": 4}, "export": {"gguf": {"quants": ["Q8_0", "Q4_K_M"], "lora": True}}}
+           "method": {"name": "lora"}, "eval": {"max_samples": 4}, "export": {"gguf": {"quants": ["Q8_0", "Q4_K_M"], "lora": True,
+                                                                 # the e2e demo test covers the matrix on this model
+                                                                 "imatrix": {"enabled": False}}}}
     recipe = resolve(raw, root=tmp_path, source="<test>")
     adapter = make_lora_adapter(resolve_base(recipe), tmp_path / "adapter", scale=0.01)
     run_dir = fake_run(tmp_path / "run", adapter, persian_chat_file, eval_rows=4)

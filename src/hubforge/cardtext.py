@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
-import math
 import re
 import shlex
 from pathlib import Path
@@ -233,8 +232,7 @@ def llama_rows(files: list[dict]) -> list[dict]:
     """The llama.cpp-measured quality table: each quantized file's KL divergence from the F16 file, and the same type
     without the importance matrix where the run measured it."""
     def kl(m: dict | None) -> dict:
-        return {"top": f"{m['same_top']:.1%}", "kld": f"{m['mean_kld']:.3g}", "p99": f"{m['p99_kld']:.3g}",
-                "ppl": f"{math.exp(m['ln_ppl_ratio']) - 1:+.1%}"} if m else {}
+        return {"top": f"{m['same_top']:.1%}", "kld": f"{m['mean_kld']:.3g}", "p99": f"{m['p99_kld']:.3g}"} if m else {}
     return [{"type": f["type"], "size": f"{f['size'] / 1e6:,.1f} MB", "imatrix": yes(f.get("imatrix")),
              **kl(f["llama_cpp"]), "plain": kl(f.get("without_imatrix")),
              "plain_size": f"{f['without_imatrix']['size'] / 1e6:,.1f} MB" if f.get("without_imatrix") else ""}
@@ -242,15 +240,17 @@ def llama_rows(files: list[dict]) -> list[dict]:
 
 
 def auto_note(recipe, gguf: dict) -> dict | None:
-    """What the card says about export.gguf.auto: the budget, the verdict, the types and the command."""
+    """What the card says about export.gguf.auto (from the stage's result): the budget, the verdict, the types and
+    the command that rebuilds the file."""
     auto = gguf.get("auto")
-    if not recipe.export.gguf.auto.enabled or not auto:
+    if not auto or not auto.get("budget"):
         return None
-    cfg = recipe.export.gguf.auto
+    budget = auto["budget"]
     types = ", ".join(f"{k} {v}" for k, v in (auto.get("types") or {}).items())
-    return {"file": products.gguf_name(recipe, products.AUTO_GGUF_TYPE), "meets": auto.get("meets"), "budget": f"same top token as F16 on at least {cfg.min_top1:.0%} of held-out "
-            f"positions and perplexity at most {cfg.max_ppl_increase:.0%} above F16", "types": types,
-            "command": " ".join(auto.get("quantize_args") or []), "reason": auto.get("reason")}
+    return {"file": products.gguf_name(recipe, products.AUTO_GGUF_TYPE), "meets": auto.get("meets"),
+            "budget": f"the same next token as F16 and as the merged model on at least {budget['min_top1']:.0%} of "
+                      f"held-out positions, perplexity at most {budget['max_ppl_increase']:.0%} above F16",
+            "types": types, "command": shlex.join(auto.get("quantize_args") or []), "reason": auto.get("reason")}
 
 
 def run_year(manifest: dict) -> int:
@@ -361,7 +361,8 @@ def card_context(kind: str, recipe, manifest: dict, results: dict, data: ModelCa
         "not_recommended_count": sum(f.get("recommended") is False for f in files),
         "default_gguf": default_gguf, "default_quant": default_gguf.removeprefix(f"{recipe.name}-").removesuffix(".gguf"),
         "lora_gguf": Path(lora["file"]).name if isinstance(lora, dict) and lora.get("file") else None,
-        "llama_rows": llama_rows(files), "imatrix": res["gguf"].get("imatrix"),
+        "llama_rows": llama_rows(files), "llama_plain": any(f.get("without_imatrix") for f in files),
+        "imatrix": res["gguf"].get("imatrix"),
         "kl_text": res["gguf"].get("llama_cpp_kld"), "auto": auto_note(recipe, res["gguf"]),
         "ollama_stop": ", ".join(f"`{s}`" for s in (res["gguf"].get("ollama") or {}).get("stop") or []),
         "split": ", ".join(f"`{Path(f['file']).name}`" for f in files if f.get("parts")),

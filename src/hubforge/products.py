@@ -112,6 +112,17 @@ LORA_GGUF_TYPE = "LoRA-F16"
 AUTO_GGUF_TYPE = "AUTO"  # the KL-budgeted per-tensor mixture (export.gguf.auto)
 
 
+# Types whose rounding takes no importance data (ggml's quantize_q8_0 has no weights argument): a run whose quants
+# are only these makes no matrix (stand-in runs export F16 + Q8_0).
+IGNORE_IMATRIX = frozenset({"Q8_0"})
+
+
+def uses_imatrix(recipe) -> bool:
+    """Whether the gguf stage computes (and the GGUF repo gets) an importance matrix."""
+    cfg = recipe.export.gguf
+    return cfg.imatrix.enabled and bool(cfg.auto.enabled or set(cfg.quants) - IGNORE_IMATRIX)
+
+
 def imatrix_name(recipe) -> str:
     """`<name>.imatrix`: the importance matrix (llama.cpp's GGUF imatrix format; not named .gguf, so model pickers
     that list a repo's .gguf files do not offer it as a model)."""
@@ -130,7 +141,7 @@ def gguf_files(recipe) -> list[str]:
     if gguf_skip_reason(recipe) is not None:
         return []
     files = [gguf_name(recipe, t) for t in gguf_types(recipe)]
-    files += [imatrix_name(recipe)] if recipe.export.gguf.imatrix.enabled else []
+    files += [imatrix_name(recipe)] if uses_imatrix(recipe) else []
     return files + ([gguf_name(recipe, LORA_GGUF_TYPE)] if recipe.export.gguf.lora else [])
 
 

@@ -67,9 +67,6 @@ MAX_MEAN_KL = 1e-3
 # (tests/test_gguf_embedded.py, 3 prompts x 16 tokens): max 0.025. Every run records it again as `margin_noise_max`.
 # 0.1 is 4x the largest seen; a file that computes another function moves margins far more and fails the KL gate too.
 TIE_MARGIN = 0.1
-# Types whose rounding takes no importance data (ggml's quantize_q8_0 has no weights argument): a run whose quants
-# are only these skips the matrix (stand-in runs export F16 + Q8_0).
-IGNORE_IMATRIX = {"Q8_0"}
 # llama-perplexity scores the second half of each ctx-token chunk and needs two chunks: the held-out text is read
 # with the largest of these that fits it; below the smallest, llama.cpp's own columns are left out.
 KL_CTX, MIN_KL_CTX = (512, 256, 128), 128
@@ -147,7 +144,7 @@ def export(recipe, run_dir) -> dict:
 
     # ---- importance matrix on calibration text (the training split unless the recipe names a file)
     imatrix = imatrix_info = None
-    if cfg.imatrix.enabled and (cfg.auto.enabled or set(cfg.quants) - IGNORE_IMATRIX):
+    if products.uses_imatrix(recipe):
         calib, ctx, calib_info = calibration_text(recipe, run_dir, tokenizer, template, work / "calibration.txt")
         imatrix = out / products.imatrix_name(recipe)
         done = gguf_imatrix.compute(full, calib, imatrix, log=log, ctx=ctx, chunks=max(1, cfg.imatrix.max_tokens // ctx),
@@ -164,7 +161,7 @@ def export(recipe, run_dir) -> dict:
         report: dict = {}
         seconds[qtype] = llamatools.quantize(full, files[-1][1], qtype, log=log, imatrix=imatrix, report=report)
         fallbacks[qtype] = report["fallbacks"]
-        if imatrix and cfg.imatrix.compare_plain and kl_ctx and qtype not in IGNORE_IMATRIX:
+        if imatrix and cfg.imatrix.compare_plain and kl_ctx and qtype not in products.IGNORE_IMATRIX:
             llamatools.quantize(full, work / "plain.gguf", qtype, log=log)
             plain[qtype] = kl_columns(llamatools.kld(work / "plain.gguf", kl_base, log=log, ctx=kl_ctx))
             plain[qtype]["size"] = (work / "plain.gguf").stat().st_size
@@ -197,12 +194,14 @@ def export(recipe, run_dir) -> dict:
     for row in rows:
         row["delta_ppl_vs_f16"] = round(row["perplexity"] - rows[0]["perplexity"], 6)
         row["recommended"] = row is rows[0] or row["top1_agreement_vs_hf"] >= MIN_TOP1_RECOMMENDED
-        row["imatrix"] = imatrix is not None and row is not rows[0] and row["type"] not in IGNORE_IMATRIX
+        row["imatrix"] = imatrix is not None and row is not rows[0] and row["type"] not in products.IGNORE_IMATRIX
         row["llama_cpp"] = llama_kl[row["type"]]
         row["without_imatrix"] = plain.get(row["type"])
         row["fallbacks"] = fallbacks.get(row["type"], [])
         if row["type"] == products.AUTO_GGUF_TYPE:
             row["quantize_args"], row["tensor_types"] = auto["quantize_args"], auto["types"]
+    if auto and auto["meets"]:
+        rows = hf_check_auto(recipe, rows, auto, out)
     decisive = [d for d in rows[0]["greedy_divergences"] if not d["tie"]]
     if decisive or rows[0]["kl_vs_hf"] > MAX_MEAN_KL:
         bad = decisive[0]["prompt"] - 1 if decisive else 0
@@ -254,7 +253,8 @@ def export(recipe, run_dir) -> dict:
         say(verdict(row))
     return {"files": quality["files"], "quality": "gguf/quality.json", "held_out": held_out, "tokenizer_probe": probe,
             "imatrix": imatrix_info, "llama_cpp_kld": {"ctx": kl_ctx or None, **kl_text},
-            "auto": auto and {k: auto.get(k) for k in ("meets", "size", "types", "quantize_args", "limits", "reason")},
+            "auto": auto and {k: auto.get(k) for k in ("meets", "size", "types", "quantize_args", "limits", "budget",
+                                                       "reason", "hf_check")},
             "lora_gguf": lora, "ollama": runtime, "outtype": cfg.outtype,
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "converter": f"llama.cpp from the llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION} sdist"}
@@ -338,6 +338,7 @@ def auto_mixture(recipe, full: Path, work: Path, kl_base: Path, ctx: int, imatri
     budget (hubforge.gguf_auto). A file that misses it is deleted: it is recorded, never published."""
     cfg = recipe.export.gguf.auto
     limits = {"disagree": round(1 - cfg.min_top1, 6), "ln_ppl_ratio": round(math.log1p(cfg.max_ppl_increase), 6)}
+    budget = {"min_top1": cfg.min_top1, "max_ppl_increase": cfg.max_ppl_increase}
     dest = out / products.gguf_name(recipe, products.AUTO_GGUF_TYPE)
     start = time.monotonic()
     say(f"auto: searching per-tensor types for same-top >= {cfg.min_top1:g} and perplexity <= +{cfg.max_ppl_increase:.0%} "
@@ -347,17 +348,40 @@ def auto_mixture(recipe, full: Path, work: Path, kl_base: Path, ctx: int, imatri
             got = gguf_auto.auto(full, work / "auto", kl_base, limits, log=log, out=dest, imatrix=imatrix, ctx=ctx,
                                  progress=lambda m: print(m, file=fh, flush=True))
     except ValueError as exc:  # no mixture of the candidate types meets the budget by the measured costs
-        return {"meets": False, "reason": str(exc), "limits": limits, "size": None, "types": None,
+        return {"meets": False, "reason": str(exc), "limits": limits, "budget": budget, "size": None, "types": None,
                 "seconds": round(time.monotonic() - start, 1)}
     if not got["meets"]:
         dest.unlink(missing_ok=True)
     probes = sum(1 for g in got["groups"] for o in g["options"] if o["cost"])
     say(f"auto: {'found' if got['meets'] else 'no file meets the budget; best try'} {got['size'] / 2**20:.1f} MiB "
         f"after {probes} probes and {got['tries']} tries ({time.monotonic() - start:.0f} s)")
-    return {"meets": got["meets"], "limits": limits, "size": got["size"], "types": got["types"],
-            "quantize_args": ["llama-quantize", *got["quantize_args"], full.name, dest.name, gguf_auto.REFERENCE],
+    return {"meets": got["meets"], "limits": limits, "budget": budget, "size": got["size"], "types": got["types"],
+            # as a user types it in a folder holding the downloaded files (the matrix is published beside them)
+            "quantize_args": ["llama-quantize", *[Path(a).name if imatrix and a == str(imatrix) else a
+                                                  for a in got["quantize_args"]], full.name, dest.name, gguf_auto.REFERENCE],
             "estimate": got["estimate"], "measured": kl_columns(got["measured"]), "tries": got["tries"],
             "probes": probes, "groups": got["groups"], "seconds": round(time.monotonic() - start, 1)}
+
+
+def hf_check_auto(recipe, rows: list[dict], auto: dict, out: Path) -> list[dict]:
+    """The AUTO file is held to its budget once more on the HF side, against the merged model itself: held-out
+    next-token agreement >= min_top1 and perplexity over the scored tokens within max_ppl_increase of the F16
+    file's. The search's llama.cpp measurement is on plain text (chat markers cannot be fed to llama-perplexity);
+    this one is on the conversations as training scored them. A file that misses is deleted, never published."""
+    cfg = recipe.export.gguf.auto
+    row = next(r for r in rows if r["type"] == products.AUTO_GGUF_TYPE)
+    ppl_limit = rows[0]["perplexity"] * (1 + cfg.max_ppl_increase)
+    misses = ([f"held-out next-token agreement {row['heldout_top1_vs_hf']:.1%} < {cfg.min_top1:.0%}"]
+              if row["heldout_top1_vs_hf"] < cfg.min_top1 else [])
+    misses += [f"perplexity {row['perplexity']:.4g} > {ppl_limit:.4g}"] if row["perplexity"] > ppl_limit else []
+    auto["hf_check"] = {"heldout_top1_vs_hf": row["heldout_top1_vs_hf"], "perplexity": row["perplexity"],
+                        "perplexity_limit": round(ppl_limit, 6), "meets": not misses}
+    if misses:
+        auto.update(meets=False, reason="llama.cpp's measurement met the budget but the check against the merged "
+                                        "model did not: " + "; ".join(misses))
+        (out / products.gguf_name(recipe, products.AUTO_GGUF_TYPE)).unlink(missing_ok=True)
+        say(f"auto: {auto['reason']}; not published")
+    return [r for r in rows if r is not row] if misses else rows
 
 
 def verdict(row: dict) -> str:
