@@ -13,7 +13,8 @@ ratios and written to benchmarks/results/gguf_export.json.
 A second table asks why the gguf stage reports fewer tokens/s than llama.cpp alone: the F16 and Q4_K_M files are
 timed in fresh processes that load only llama_cpp (no torch), with OpenMP's wait policy unset (libgomp spins, then
 sleeps), PASSIVE (what hubforge sets at import) and ACTIVE, on 1 and 2 threads, next to the stage's own way (torch
-imported and its thread pool started, PASSIVE, all cores) measured in the same run.
+imported and its thread pool started, PASSIVE, all cores; best of --runs, and as the stage times it: one 32-token
+run) measured in the same run.
 
     .venv/bin/python benchmarks/gguf_export.py --speed-only F16.gguf Q4_K_M.gguf   # only the second table
 
