@@ -90,6 +90,7 @@ standins: install
 benchmarks: install
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/gguf_export.py
+	$(BIN)/python benchmarks/gguf_export.py --quality
 	$(BIN)/python benchmarks/hub.py
 	$(BIN)/python benchmarks/space.py
 

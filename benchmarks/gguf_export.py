@@ -13,15 +13,34 @@ ratios and written to benchmarks/results/gguf_export.json.
 A second table asks why the gguf stage reports fewer tokens/s than llama.cpp alone: the F16 and Q4_K_M files are
 timed in fresh processes that load only llama_cpp (no torch), with OpenMP's wait policy unset (libgomp spins, then
 sleeps), PASSIVE (what hubforge sets at import) and ACTIVE, on 1 and 2 threads, next to the stage's own way (torch
-imported and its thread pool started, PASSIVE, all cores) measured in the same run.
+imported and its thread pool started, PASSIVE, all cores; best of --runs, and as the stage times it: one 32-token
+run) measured in the same run.
 
     .venv/bin/python benchmarks/gguf_export.py --speed-only F16.gguf Q4_K_M.gguf   # only the second table
+
+`--quality` measures instead what a user downloads, one table in one run: every standard type without and with an
+importance matrix (hubforge.gguf_imatrix, tied output head included), and the KL-budgeted AUTO mixture
+(hubforge.gguf_auto), each with its size, llama.cpp's KL divergence from the F16 file (mean, 99th percentile,
+same top token), perplexity, and tokens/s in a fresh process without torch (2 threads, OMP_WAIT_POLICY=PASSIVE:
+see ALONE), with ratios to the F16 file measured in the same run.
+
+    .venv/bin/python benchmarks/gguf_export.py --quality --tiny --work /tmp/gq-tiny       # smoke test (~3 min)
+    .venv/bin/python benchmarks/gguf_export.py --quality --model runs/.../merge/model     # a merged fine-tune
+
+Text: the shipped Persian chat data rendered with the model's chat template, shuffled with a fixed seed, split into
+a calibration part (importance matrix; control tokens kept, llama-imatrix parses them) and a held-out part for
+measuring (turn markers removed: llama-perplexity does not parse control tokens, and their spelled-out pieces
+would be positions no user ever sees). llama-perplexity scores the second half of each --ctx chunk. Results go to
+benchmarks/results/gguf_quality.json, llama.cpp's output to <work>/llama.log; `--work` keeps the F16 file, the
+importance matrix and the F16 reference logits between runs (`--f16` names an F16 GGUF already converted).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -90,11 +109,17 @@ def rate(n):
 rate(4)
 print(json.dumps(max(rate({tokens}) for _ in range({runs}))))
 """
-SETTINGS = [  # (label, torch imported, OMP_WAIT_POLICY or None for unset, threads or None for all cores)
-    ("stage: torch + PASSIVE, all cores", True, "PASSIVE", None), ("no torch, policy unset, 2 threads", False, None, 2),
-    ("no torch, PASSIVE, 2 threads", False, "PASSIVE", 2), ("no torch, ACTIVE, 2 threads", False, "ACTIVE", 2),
-    ("no torch, PASSIVE, 1 thread", False, "PASSIVE", 1), ("no torch, policy unset, 1 thread", False, None, 1),
+SETTINGS = [  # (label, torch imported, OMP_WAIT_POLICY or None for unset, threads or None for all cores, runs)
+    # the stage's own method: after a warm-up, ONE run of 32 tokens (llamacpp.greedy in stages/gguf.py), no best-of
+    ("stage exactly: as above, one 32-token run", True, "PASSIVE", None, 1),
+    ("stage: torch + PASSIVE, all cores", True, "PASSIVE", None, None),
+    ("no torch, policy unset, 2 threads", False, None, 2, None), ("no torch, PASSIVE, 2 threads", False, "PASSIVE", 2, None),
+    ("no torch, ACTIVE, 2 threads", False, "ACTIVE", 2, None), ("no torch, PASSIVE, 1 thread", False, "PASSIVE", 1, None),
+    ("no torch, policy unset, 1 thread", False, None, 1, None),
 ]
+# The --quality table's tokens/s: llama.cpp alone on 2 threads, PASSIVE because with the policy unset (or ACTIVE)
+# OpenMP's spinning threads collapse to a few tokens/s whenever another process shares the cores (measured here).
+ALONE = SETTINGS[3]
 
 
 def probe(path: Path, with_torch: bool, policy: str | None, threads: int | None, tokens: int, runs: int) -> float:
@@ -113,13 +138,102 @@ def speed_table(files: dict[str, Path], tokens: int, runs: int) -> list[dict]:
 
     print(f"\nllama.cpp tokens/s by process setup ({tokens} new tokens, best of {runs}, n_ctx=512; "
           f"llama.cpp system info: {llama_cpp.llama_print_system_info().decode().strip()})")
-    print(f"{'setup':36} " + " ".join(f"{name:>8}" for name in files))
+    print(f"{'setup':42} " + " ".join(f"{name:>8}" for name in files))
     rows = []
-    for label, with_torch, policy, threads in SETTINGS:
-        row = {"setup": label, **{name: probe(path, with_torch, policy, threads, tokens, runs) for name, path in files.items()}}
+    for label, with_torch, policy, threads, once in SETTINGS:
+        n, r = (32, once) if once else (tokens, runs)
+        row = {"setup": label, **{name: probe(path, with_torch, policy, threads, n, r) for name, path in files.items()}}
         rows.append(row)
-        print(f"{label:36} " + " ".join(f"{row[name]:8.1f}" for name in files))
+        print(f"{label:42} " + " ".join(f"{row[name]:8.1f}" for name in files))
     return rows
+
+
+def texts(model_dir: Path, work: Path, heldout: float, seed: int = 3407) -> tuple[Path, Path]:
+    """The calibration and held-out text files (see the module docstring)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line)["messages"] for line in (REPO / "recipes/data/persian-chat.jsonl").read_text("utf-8").splitlines()]
+    random.Random(seed).shuffle(rows)
+    rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows]
+    cut = int(len(rendered) * (1 - heldout))
+    calib, held = work / "calibration.txt", work / "heldout.txt"
+    calib.write_text("".join(rendered[:cut]).removeprefix(tokenizer.bos_token), "utf-8")  # llama.cpp adds one
+    plain = "".join(rendered[cut:])
+    for marker in ("<bos>", "<start_of_turn>", "<end_of_turn>"):
+        plain = plain.replace(marker, "")
+    held.write_text(plain, "utf-8")
+    return calib, held
+
+
+def cached_json(path: Path, make) -> dict:
+    """`path`'s JSON if a former run (--work) left it, else make()'s result, saved there."""
+    if not path.is_file():
+        path.write_text(json.dumps(make()))
+    return json.loads(path.read_text())
+
+
+def quality(args) -> None:
+    """The --quality table (see the module docstring)."""
+    from hubforge import gguf_auto, gguf_imatrix, llamacpp, llamatools
+
+    work, started = args.work, time.time()
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "llama.log"
+    model_dir = args.model or checkpoint(args.tiny, work)
+    f16 = args.f16 or work / "model-F16.gguf"
+    if not f16.is_file():
+        llamacpp.convert_model(llamacpp.converter_input(model_dir, work / "view"), f16, "F16")
+    calib, held = texts(model_dir, work, args.heldout)
+    imatrix, logits = work / "imatrix.gguf", work / "f16.kld"
+    for made, record in ((imatrix, "imatrix.json"), (logits, "f16.kld.json")):
+        if not made.is_file():
+            (work / record).unlink(missing_ok=True)
+    info = cached_json(work / "imatrix.json", lambda: gguf_imatrix.compute(f16, calib, imatrix, log=log, ctx=args.ctx))
+    base = cached_json(work / "f16.kld.json", lambda: llamatools.kld_base(f16, held, logits, log=log, ctx=args.ctx))
+    print(f"importance matrix: {info}; F16 reference: PPL {base['ppl']:.3f}", flush=True)
+
+    def measure(name: str, path: Path, measured: dict, **extra) -> dict:
+        row = {"name": name, "mib": path.stat().st_size / MB, **{k: measured[k] for k in ("mean_kld", "p99_kld", "same_top", "ppl")},
+               "tokens_per_s": probe(path, *ALONE[1:4], args.tokens, args.runs), **extra}
+        print(f"{name:12} {row['mib']:7.1f} MiB  KLD {row['mean_kld']:.4f}  top1 {row['same_top']:.3f}  "
+              f"{row['tokens_per_s']:.1f} tok/s", flush=True)
+        return row
+
+    rows = [measure("F16", f16, {"mean_kld": 0.0, "p99_kld": 0.0, "same_top": 1.0, "ppl": base["ppl"]})]  # the reference
+    for qtype in args.quants.split(","):
+        for imat in (None, imatrix):
+            name = f"{qtype}{'-imat' if imat else ''}"
+            out = work / f"model-{name}.gguf"
+            seconds = llamatools.quantize(f16, out, qtype, log=log, imatrix=imat)
+            rows.append(measure(name, out, llamatools.kld(out, logits, log=log, ctx=args.ctx), quantize_s=seconds))
+    limits = {"disagree": 1 - args.min_top1, "ln_ppl_ratio": math.log(args.max_ppl_ratio)}
+    print(f"AUTO: each group alone below Q8_0 (importance matrix on), then the smallest mixture within {limits}:")
+    try:
+        auto = gguf_auto.auto(f16, work, logits, limits, log=log, imatrix=imatrix, out=work / "model-AUTO.gguf", ctx=args.ctx)
+        rows.append(measure("AUTO-imat", Path(auto["file"]), auto["measured"], meets=auto["meets"]))
+    except ValueError as error:  # no mixture of the candidate types fits: the table says so instead of a row
+        auto = {"error": str(error)}
+
+    ref = rows[0]
+    print(f"\nmodel: {model_dir}; held-out text {held.stat().st_size} bytes, ctx {args.ctx}; tokens/s: {args.tokens} new "
+          f"tokens after a {len(PROMPT)}-character prompt, best of {args.runs}, llama.cpp alone ({ALONE[0]})")
+    print(f"{'file':12} {'MiB':>7} {'x F16':>6} {'mean KLD':>9} {'p99 KLD':>8} {'same top':>9} {'PPL':>9} {'x F16':>6} "
+          f"{'tok/s':>7} {'x F16':>6}")
+    for r in rows:
+        print(f"{r['name']:12} {r['mib']:7.1f} {r['mib'] / ref['mib']:6.3f} {r['mean_kld']:9.4f} {r['p99_kld']:8.3f} "
+              f"{100 * r['same_top']:8.1f}% {r['ppl']:9.3f} {r['ppl'] / ref['ppl']:6.3f} {r['tokens_per_s']:7.1f} "
+              f"{r['tokens_per_s'] / ref['tokens_per_s']:6.2f}")
+    if "types" in auto:
+        print(f"AUTO types: {auto['types']} (meets {limits}: {auto['meets']}, tries: {auto['tries']})\nreproduce: "
+              f"llama-quantize {' '.join(auto['quantize_args'])} F16.gguf AUTO.gguf {gguf_auto.REFERENCE}")
+    else:
+        print(f"AUTO: {auto['error']}")
+    print(f"total {time.time() - started:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": str(model_dir), "ctx": args.ctx, "heldout_bytes": held.stat().st_size,
+                                    "tokens": args.tokens, "imatrix": info, "limits": limits, "rows": rows, "auto": auto},
+                                   indent=2, default=str))
 
 
 def main() -> None:
@@ -128,9 +242,23 @@ def main() -> None:
     parser.add_argument("--quants", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gguf_export.json")
+    parser.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/gguf_export.json, "
+                        "or gguf_quality.json with --quality)")
     parser.add_argument("--speed-only", nargs="+", type=Path, metavar="GGUF", help="only the process-setup table")
+    quality_args = parser.add_argument_group("--quality", "size, KL, perplexity and tokens/s of plain, imatrix and AUTO")
+    quality_args.add_argument("--quality", action="store_true")
+    quality_args.add_argument("--model", type=Path, help="HF checkpoint folder (default: the embedded Gemma 3 270M)")
+    quality_args.add_argument("--f16", type=Path, help="an F16 GGUF of --model already converted")
+    quality_args.add_argument("--work", type=Path, default=Path("/tmp/gguf-quality"), help="kept between runs")
+    quality_args.add_argument("--ctx", type=int, default=512)
+    quality_args.add_argument("--heldout", type=float, default=0.4, help="share of conversations held out for measuring")
+    quality_args.add_argument("--min-top1", type=float, default=0.90, help="AUTO's budget: same top token share")
+    quality_args.add_argument("--max-ppl-ratio", type=float, default=1.05, help="AUTO's budget: perplexity / F16's")
     args = parser.parse_args()
+    args.out = args.out or REPO / "benchmarks" / "results" / f"gguf_{'quality' if args.quality else 'export'}.json"
+    if args.quality:
+        quality(args)
+        return
     if args.speed_only:
         speed_table({p.stem.rsplit("-", 1)[-1]: p for p in args.speed_only}, args.tokens, args.runs)
         return
