@@ -151,19 +151,21 @@ def metrics(measured: dict) -> dict[str, float]:
             "ln_ppl_ratio": measured["ln_ppl_ratio"]}
 
 
-def measure_costs(f16: Path, work: Path, base_logits: Path, groups: list[Group], *, log: Path, imatrix: Path | None = None,
-                  limits: dict[str, float] | None = None, ctx: int = 512, progress=print) -> dict[str, float]:
+def measure_costs(f16: Path, work: Path, base_logits: Path | None, groups: list[Group], *, log: Path,
+                  imatrix: Path | None = None, limits: dict[str, float] | None = None, ctx: int = 512, progress=print,
+                  measure=None) -> dict[str, float]:
     """Fill each option's cost (one quantize + one KL run per group and type below the reference, largest type
     first); returns the reference file's own metrics (the baseline the costs add to). With `limits`, a group's
     smaller types are not tried once one type alone breaks them (smaller ones would only cost more): those options
-    are dropped from the group."""
+    are dropped from the group. `measure(path) -> dict` replaces llama-perplexity's KL run against `base_logits`
+    (the gguf stage measures on the chat-formatted held-out tokens, which llama-perplexity cannot read)."""
     from hubforge import llamatools
 
     def run(name: str, **kw) -> dict:
         out = Path(work) / f"probe-{name}.gguf"
         llamatools.quantize(f16, out, REFERENCE, log=log, imatrix=imatrix, **kw)
         try:
-            return metrics(llamatools.kld(out, base_logits, log=log, ctx=ctx))
+            return metrics(measure(out) if measure else llamatools.kld(out, base_logits, log=log, ctx=ctx))
         finally:
             out.unlink()
 
@@ -183,9 +185,9 @@ def measure_costs(f16: Path, work: Path, base_logits: Path, groups: list[Group],
     return baseline
 
 
-def auto(f16: Path, work: Path, base_logits: Path, limits: dict[str, float], *, log: Path, out: Path | None = None,
+def auto(f16: Path, work: Path, base_logits: Path | None, limits: dict[str, float], *, log: Path, out: Path | None = None,
          imatrix: Path | None = None, ftype: str = REFERENCE, per_layer: tuple[str, ...] = (), tries: int = 3,
-         ctx: int = 512, progress=print) -> dict:
+         ctx: int = 512, progress=print, measure=None) -> dict:
     """Measure, choose, build and verify. Each failed verification tightens the violated limits by the ratio of
     estimate to measurement and chooses again. Returns {file, size, types, quantize_args, estimate, measured,
     meets, tries, groups}; `meets` False means no try passed the measured gate (the last file is kept for
@@ -196,7 +198,7 @@ def auto(f16: Path, work: Path, base_logits: Path, limits: dict[str, float], *, 
     work.mkdir(parents=True, exist_ok=True)
     groups = tensor_groups(f16, per_layer=per_layer)
     baseline = measure_costs(f16, work, base_logits, groups, log=log, imatrix=imatrix, limits=limits, ctx=ctx,
-                             progress=progress)
+                             progress=progress, measure=measure)
     out = Path(out or work / "auto.gguf")
     budget = dict(limits)
     for attempt in range(1, tries + 1):
@@ -206,7 +208,7 @@ def auto(f16: Path, work: Path, base_logits: Path, limits: dict[str, float], *, 
                              f"(the Q8_0 reference alone measures {baseline})")
         kw = overrides(choice, groups)
         llamatools.quantize(f16, out, ftype, log=log, imatrix=imatrix, **kw)
-        measured = llamatools.kld(out, base_logits, log=log, ctx=ctx)
+        measured = measure(out) if measure else llamatools.kld(out, base_logits, log=log, ctx=ctx)
         got = metrics(measured)
         estimate = {m: total(choice, m, baseline) for m in limits}
         meets = all(got[m] <= lim for m, lim in limits.items())

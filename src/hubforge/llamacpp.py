@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 # ggml's CPU backend and torch both use OpenMP; with the default spin-waiting, a process that has imported torch
@@ -199,6 +199,42 @@ def logits(llm, ids: list[int]):
     llm.reset()
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+def scored_logprobs(path: Path, sequences: list[list[int]], masks: list[list[int]]):
+    """Per sequence, llama.cpp's next-token log-probabilities (float32) at the positions whose target `masks` marks
+    1 (e.g. the assistant turns of a chat, as training scored them), and the targets there."""
+    import numpy as np
+
+    out = []
+    with closing(load(path, n_ctx=max(len(ids) for ids in sequences), logits_all=True)) as llm:
+        for ids, mask in zip(sequences, masks):
+            scores = logits(llm, ids)[:-1]
+            scored = np.asarray(mask[1 : len(scores) + 1], bool)
+            rows = scores[scored]
+            rows = rows - rows.max(axis=1, keepdims=True)
+            rows = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+            out.append((rows.astype(np.float32), np.asarray(ids[1 : len(scores) + 1])[scored]))
+    return out
+
+
+def compare_scored(reference: list, other: list) -> dict:
+    """KL(reference || other) per scored position (mean, 99th percentile), the share of positions with the same top
+    token, and both perplexities over the targets: what gguf_auto budgets, on the text as the model reads it."""
+    import numpy as np
+
+    kl, same, nll_ref, nll_other = [], [], [], []
+    for (ref, targets), (got, _) in zip(reference, other):
+        kl.append((np.exp(ref) * (ref - got)).sum(axis=1))
+        same.append(ref.argmax(axis=1) == got.argmax(axis=1))
+        rows = np.arange(len(targets))
+        nll_ref.append(-ref[rows, targets])
+        nll_other.append(-got[rows, targets])
+    kl, nll_ref, nll_other = (np.concatenate(x).astype(np.float64) for x in (kl, nll_ref, nll_other))
+    ppl, ppl_ref = float(np.exp(nll_other.mean())), float(np.exp(nll_ref.mean()))
+    return {"mean_kld": round(float(kl.mean()), 6), "p99_kld": round(float(np.percentile(kl, 99)), 6),
+            "same_top": round(float(np.concatenate(same).mean()), 6), "ppl": round(ppl, 6),
+            "ln_ppl_ratio": round(float(np.log(ppl / ppl_ref)), 6), "positions": int(len(kl))}
 
 
 def perplexity(llm, sequences: list[list[int]], masks: list[list[int]] | None = None,
