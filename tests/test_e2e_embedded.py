@@ -1,7 +1,7 @@
 """The embedded default recipe end to end, the way `make demo` runs it (slow tier).
 
 `hubforge demo` in a fresh process: local Hub, data → train → merge → evaluate → gguf → card → publish → space,
-with a shortened schedule and two quant types so CI stays quick. Then a second process (a fresh client) downloads
+with two quant types so CI stays quick. Then a second process (a fresh client) downloads
 what was published and checks it is usable and honestly documented.
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ import pytest
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes/gemma-3-270m/persian-chat-lora.yaml"
-SHORT = ["train.max_steps=16", "train.save_steps=8", "export.gguf.quants=[Q8_0, Q4_K_M]", "eval.max_samples=12"]
+# The recipe as shipped (56 steps, ~1.5 min of training: issue #14's goal is measured on this model; at 16 steps
+# even Q8_0's perplexity is 14 % above F16's, so no mixture can meet a 5 % budget), with two standard quant types.
+SHORT = ["export.gguf.quants=[Q8_0, Q4_K_M]"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_every_stage_finished_and_the_manifest_says_so(demo_run):
     statuses = {name: entry["status"] for name, entry in manifest["stages"].items()}
     assert statuses == {s: "done" for s in ("data", "train", "merge", "evaluate", "gguf", "card", "publish", "space")}, statuses
     train = manifest["stages"]["train"]["result"]
-    assert train["steps"] == 16 and train["tokens_seen"] > 0
+    assert train["steps"] == 56 and train["tokens_seen"] > 0
     assert "== hubforge demo ==" in stdout
 
 
