@@ -26,7 +26,7 @@ from pathlib import Path
 # only take the 32-value types (Q4_K_M of that model is Q5_0 and Q8_0 in most tensors for this reason).
 K_CANDIDATES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
 BLOCK32_CANDIDATES = ("IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
-CANDIDATES = K_CANDIDATES + BLOCK32_CANDIDATES
+CANDIDATES = tuple(dict.fromkeys(K_CANDIDATES + BLOCK32_CANDIDATES))  # every type offered, once (for messages)
 # Groups smaller than this share of the reference file stay at the reference type: probing them costs as much as
 # probing the embedding, and shrinking them cannot move the file size by much.
 MIN_SHARE = 0.03
