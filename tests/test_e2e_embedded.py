@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -33,7 +34,8 @@ def demo_run(tmp_path_factory):
            "--run-dir", str(work / "run")] + [a for s in SHORT for a in ("--set", s)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return work, proc.stdout
+    yield work, proc.stdout
+    shutil.rmtree(work, ignore_errors=True)  # ~3 GB of checkpoints, merged model and GGUF files
 
 
 def test_every_stage_finished_and_the_manifest_says_so(demo_run):

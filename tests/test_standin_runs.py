@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ def standin_run(request, tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "hubforge.cli", "run", str(recipe), "--standin", "--quiet",
                            "--run-dir", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return request.param, recipe, run_dir
+    yield request.param, recipe, run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)  # a full fine-tune's run holds ~4 GB; CI's disk holds the session
 
 
 def test_every_stage_ran_and_the_run_is_marked_a_standin(standin_run):

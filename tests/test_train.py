@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hubforge import models
+from hubforge import models, products
 from hubforge.pipeline import StageError
 from hubforge.recipe import resolve
 from hubforge.stages import train
@@ -121,9 +121,24 @@ def test_full_trains_all_or_only_named_modules(tiny_model):
 def test_param_count_from_headers_and_disk_estimate(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path, safe_serialization=True)
     assert models.count_params(tmp_path) == sum(p.numel() for p in tiny_model.parameters())
-    full = train.checkpoint_bytes("full", 10**9, 2, False)
-    assert full > 3 * 12 * 10**9 and train.checkpoint_bytes("lora", 10**9, 2, False) < full / 10
-    assert train.checkpoint_bytes("lora", 10**9, 2, True) == full  # modules_to_save trains whole matrices
+
+
+def test_disk_check_counts_the_checkpoints_a_run_really_keeps():
+    def recipe(method="full", **train):
+        over = {"train.save_total_limit": 2, "train.save_steps": 50, **train}
+        return resolve({"name": "disk-test", "base": {"model": "google/gemma-3-270m"}, "method": {"name": method},
+                        "data": {"hub": "databricks/databricks-dolly-15k", "format": "alpaca"}}, overrides=[f"{k}={v}" for k, v in over.items()])
+
+    n = 10**9
+    # full: each checkpoint = fp32 weights + two fp32 Adam moments; the result = fp32 weights; 10 % slack
+    assert train.disk_needed(recipe(), n, steps=1000) == int((12 * n * 2 + 4 * n) * 1.1)
+    # a 2-step stand-in with save_steps 2 writes one checkpoint, whatever save_total_limit allows
+    assert train.disk_needed(recipe(**{"train.save_steps": 2}), n, steps=2) == int((12 * n + 4 * n) * 1.1)
+    assert products.checkpoints_kept(recipe(), 120) == 2 and products.checkpoints_kept(recipe(), 30) == 1
+    assert products.checkpoints_kept(recipe(), None) == 2
+    lora = train.disk_needed(recipe("lora"), n, steps=1000)
+    assert lora < train.disk_needed(recipe(), n, steps=1000) / 10
+    assert train.estimated_steps(recipe(**{"train.batch_size": 4, "train.grad_accum": 2, "train.epochs": 2}), 17) == 6
 
 
 def test_resume_point_keeps_only_complete_checkpoints_of_the_same_inputs(tmp_path):

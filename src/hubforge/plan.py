@@ -172,9 +172,9 @@ def train_time(recipe: Recipe, a: dict, params: dict, tokens: dict, memory: dict
 
 def disk_estimate(recipe: Recipe, params: dict) -> dict:
     mb = lambda b: round(b / 1e6, 1)  # noqa: E731
-    out = {"adapter_mb": mb(params["trainable"] * 4) if recipe.method.is_adapter else 0.0}
-    checkpoint = params["trainable"] * 4 * 3
-    out["checkpoints_mb"] = mb(checkpoint * recipe.train.save_total_limit)
+    shape = (recipe.method.is_adapter, params["total"], params["trainable"])
+    out = {"adapter_mb": mb(products.train_result_bytes(*shape)) if recipe.method.is_adapter else 0.0}
+    out["checkpoints_mb"] = mb(products.checkpoint_bytes(*shape) * products.checkpoints_kept(recipe, recipe.train.max_steps))
     merged = products.applies("merge", recipe)
     out["merged_mb"] = mb(params["total"] * DTYPE_BYTES[recipe.export.merge_dtype]) if merged else 0.0
     out["gguf_mb"] = ({t: mb(params["total"] * products.GGUF_BITS[t] / 8) for t in products.gguf_types(recipe)}

@@ -43,6 +43,24 @@ GGUF_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_
              "AUTO": 8.5}  # AUTO: at most its Q8_0 reference
 
 
+def checkpoints_kept(recipe, steps: int | None) -> int:
+    """How many checkpoint folders a train run holds at once: the Trainer saves every train.save_steps and at the
+    last step, and keeps train.save_total_limit of them (all of them when the step count is not known)."""
+    limit = recipe.train.save_total_limit
+    return limit if not steps else min(limit, -(-steps // recipe.train.save_steps))
+
+
+def checkpoint_bytes(is_adapter: bool, total: int, trainable: int) -> int:
+    """One checkpoint on disk: the saved weights (a full fine-tune saves the whole model, an adapter only its own
+    weights; fp32, the widest a run saves) and the optimizer's two fp32 moments per trainable weight."""
+    return (trainable if is_adapter else total) * 4 + trainable * 8
+
+
+def train_result_bytes(is_adapter: bool, total: int, trainable: int) -> int:
+    """What the train stage keeps after the checkpoints: the adapter, or the whole fine-tuned model (fp32)."""
+    return (trainable if is_adapter else total) * 4
+
+
 def repo_ids(recipe) -> dict[str, str]:
     return {"adapter": recipe.publish.adapter_repo, "merged": recipe.publish.merged_repo, "gguf": recipe.publish.gguf_repo}
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from hubforge import chat, compute
+from hubforge import chat, compute, products
 from hubforge.errors import StageError
 from hubforge.models import bnb_config, check_bitsandbytes, copy_tokenizer_model, count_params, peft_config, resolve_base
 from hubforge.scoring import read_jsonl
@@ -57,11 +57,13 @@ def run(recipe, run_dir) -> dict:
         check_bitsandbytes()
     base_dir = resolve_base(recipe)
     total_params = count_params(base_dir)
-    need = checkpoint_bytes(m.name, total_params, t.save_total_limit, bool(m.lora and m.lora.modules_to_save))
+    steps = t.max_steps or estimated_steps(recipe, data["rows_train"])
+    need = disk_needed(recipe, total_params, steps)
     free = shutil.disk_usage(out).free
     if need > free:
         raise StageError(f"not enough disk for checkpoints in {out}: about {need / 2**30:.1f} GiB needed "
-                         f"({total_params / 1e6:.0f}M base parameters, method {m.name}, train.save_total_limit="
+                         f"({total_params / 1e6:.0f}M base parameters, method {m.name}, "
+                         f"{products.checkpoints_kept(recipe, steps)} checkpoint(s) kept of train.save_total_limit="
                          f"{t.save_total_limit}), {free / 2**30:.1f} GiB free. Free space or lower train.save_total_limit.")
 
     if compute.launches(recipe):
@@ -259,10 +261,21 @@ def freeze_except(model, modules: tuple[str, ...]) -> None:
                          f"{', '.join(n for n, _ in list(model.named_modules())[1:6])}")
 
 
-def checkpoint_bytes(method: str, total_params: int, save_total_limit: int, modules_to_save: bool) -> int:
-    """Disk the checkpoints need: trained weights + two Adam moments in fp32, for each kept checkpoint + the result."""
-    trained = total_params if method == "full" or modules_to_save else total_params // 20  # adapters: <= 5 %
-    return int(trained * 4 * 3 * (save_total_limit + 1) * 1.1)
+def estimated_steps(recipe, rows_train: int) -> int:
+    """Optimizer steps of an epoch-bounded run, at most (packing only lowers it)."""
+    t = recipe.train
+    per_step = t.batch_size * t.grad_accum * recipe.compute.processes
+    return int(t.epochs * -(-rows_train // per_step))
+
+
+def disk_needed(recipe, total_params: int, steps: int) -> int:
+    """Bytes the checkpoints and the result need, with 10 % slack. The trainable count is an upper bound, since the
+    model is not loaded yet: every weight for a full fine-tune or modules_to_save, 5 % for other adapters."""
+    m = recipe.method
+    trainable = total_params if not m.is_adapter or (m.lora and m.lora.modules_to_save) else total_params // 20
+    shape = (m.is_adapter, total_params, trainable)
+    kept = products.checkpoints_kept(recipe, steps)
+    return int((products.checkpoint_bytes(*shape) * kept + products.train_result_bytes(*shape)) * 1.1)
 
 
 def score_only_loss_positions() -> None:
