@@ -173,3 +173,32 @@ def test_split_sizes_read_as_llama_gguf_split_reads_them(tmp_path):
     stale.write_bytes(b"old")
     assert llamatools.split_if_larger(small, "1M", log=tmp_path / "log") == [] and not stale.exists()
     assert llamatools.split_if_larger(small, None, log=tmp_path / "log") == []
+
+
+@pytest.mark.integration
+def test_logits_at_chosen_positions_equal_llama_cpps_own_every_position_logits(work):
+    """llamacpp.logits asks llama.cpp for output only where a target is scored; those rows must be exactly the rows
+    llama-cpp-python's own logits_all evaluation returns, and generation from the same context must still work."""
+    import llama_cpp
+    import numpy as np
+
+    from hubforge import llamacpp
+
+    path = work / "f16.gguf"
+    seqs = [[2, *range(100, 100 + n)] for n in (7, 40, 130)]  # the last spans two 64-token batches
+    with closing(llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=64, logits_all=True, verbose=False)) as llm:
+        want = []
+        for ids in seqs:
+            llm.reset()
+            llm.eval(ids)
+            want.append(np.array(llm.scores[: len(ids)]))
+    with closing(llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=64, verbose=False)) as llm:
+        before = llamacpp.greedy(llm, [2, 5, 6, 7], 8, set())[0]
+        for ids, rows in zip(seqs, want):
+            masks = [0] * (len(ids) // 2) + [1] * (len(ids) - len(ids) // 2)
+            where = llamacpp.scored_positions(ids, masks, 256)
+            assert where == [i for i in range(len(ids) - 1) if masks[i + 1]]
+            np.testing.assert_allclose(llamacpp.logits(llm, ids, where), rows[where], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(llamacpp.logits(llm, ids), rows, rtol=0, atol=1e-5)
+            assert llamacpp.logits(llm, ids, []).shape == (0, rows.shape[1])
+        assert llamacpp.greedy(llm, [2, 5, 6, 7], 8, set())[0] == before  # the cache was left clean

@@ -169,11 +169,12 @@ def log_to(path: Path):
             llama_cpp.llama_log_set(restore, ctypes.c_void_p(0))
 
 
-def load(path: Path, *, n_ctx: int = 512, logits_all: bool = False, vocab_only: bool = False, lora: Path | None = None):
-    """A `llama_cpp.Llama` for the file (close it when done: `with closing(load(...)) as llm`)."""
+def load(path: Path, *, n_ctx: int = 512, vocab_only: bool = False, lora: Path | None = None):
+    """A `llama_cpp.Llama` for the file (close it when done: `with closing(load(...)) as llm`); `logits` reads
+    any position's logits from it."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 2, logits_all=logits_all,
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 2,
                            vocab_only=vocab_only, lora_path=str(lora) if lora else None, verbose=False)
 
 
@@ -191,14 +192,52 @@ def greedy(llm, prompt: list[int], max_new_tokens: int, stop: set[int]) -> tuple
     return out, (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0
 
 
-def logits(llm, ids: list[int]):
-    """llama.cpp's logits for every position of `ids` (a fresh context; needs logits_all=True), float64 numpy."""
+def logits(llm, ids: list[int], positions=None):
+    """llama.cpp's logits for the positions of `ids` (ascending indices; default every one), evaluated in a fresh
+    context: float64 for every position, float32 rows in `positions`' order otherwise.
+
+    The batch asks for output only at those positions, so llama.cpp runs the output head (262,144 rows for
+    Gemma) only where needed: scoring the assistant turns of a conversation costs a fraction of scoring every
+    position, and no context needs logits_all (which also copies every position's logits while generating)."""
+    import llama_cpp
     import numpy as np
 
     ids = ids[: llm.n_ctx()]
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+    if positions is None:
+        return logits(llm, ids, range(len(ids))).astype(np.float64)
+    want = np.zeros(len(ids), bool)
+    want[[p for p in positions if p < len(ids)]] = True
+    n_vocab, step = llm.n_vocab(), llm.n_batch
+    out = np.empty((int(want.sum()), n_vocab), np.float32)
+    llm.reset()  # a fresh sequence: forget the tokens and their cache (as Llama.eval from position 0 does)
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, 0, -1)
+    batch, done = llama_cpp.llama_batch_init(step, 0, 1), 0
+    try:
+        for start in range(0, len(ids), step):
+            chunk = ids[start : start + step]
+            flags = want[start : start + len(chunk)]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = bool(flags[i])
+            if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+                raise LlamaCppError(f"llama_decode failed on tokens {start}..{start + len(chunk)}")
+            rows = int(flags.sum())
+            if rows:  # the outputs come back contiguous, in batch order
+                got = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(rows * n_vocab,))
+                out[done : done + rows] = got.reshape(rows, n_vocab)
+                done += rows
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, 0, -1)
+    return out
+
+
+def scored_positions(ids: list[int], mask: list[int] | None, limit: int) -> list[int]:
+    """Positions whose logits predict a scored target: position i predicts token i + 1 (every one without a mask)."""
+    n = min(len(ids), limit)
+    return [i for i in range(n - 1) if mask is None or mask[i + 1]]
 
 
 def scored_logprobs(path: Path, sequences: list[list[int]], masks: list[list[int]]):
@@ -207,14 +246,13 @@ def scored_logprobs(path: Path, sequences: list[list[int]], masks: list[list[int
     import numpy as np
 
     out = []
-    with closing(load(path, n_ctx=max(len(ids) for ids in sequences), logits_all=True)) as llm:
+    with closing(load(path, n_ctx=max(len(ids) for ids in sequences))) as llm:
         for ids, mask in zip(sequences, masks):
-            scores = logits(llm, ids)[:-1]
-            scored = np.asarray(mask[1 : len(scores) + 1], bool)
-            rows = scores[scored]
+            where = scored_positions(ids, mask, llm.n_ctx())
+            rows = logits(llm, ids, where)
             rows = rows - rows.max(axis=1, keepdims=True)
             rows = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
-            out.append((rows.astype(np.float32), np.asarray(ids[1 : len(scores) + 1])[scored]))
+            out.append((rows.astype(np.float32), np.asarray(ids)[np.asarray(where, int) + 1]))
     return out
 
 
@@ -239,22 +277,21 @@ def compare_scored(reference: list, other: list) -> dict:
 
 def perplexity(llm, sequences: list[list[int]], masks: list[list[int]] | None = None,
                choices: list | None = None) -> float:
-    """exp(mean next-token NLL) over token-id sequences, from llama.cpp's own logits (needs logits_all=True);
-    with `masks`, only over the target tokens marked 1 (as hubforge.scoring.perplexity does for HF). `choices`,
-    when given, receives per sequence the argmax token at each scored position."""
+    """exp(mean next-token NLL) over token-id sequences, from llama.cpp's own logits; with `masks`, only over the
+    target tokens marked 1 (as hubforge.scoring.perplexity does for HF). `choices`, when given, receives per
+    sequence the argmax token at each scored position."""
     import numpy as np
 
     nll, count = 0.0, 0
     for i, ids in enumerate(sequences):
-        scores = logits(llm, ids)[:-1]
+        where = scored_positions(ids, None if masks is None else masks[i], llm.n_ctx())
+        scores = logits(llm, ids, where).astype(np.float64)
         peak = scores.max(axis=1, keepdims=True)
         logz = peak[:, 0] + np.log(np.exp(scores - peak).sum(axis=1))
-        token_nll = logz - scores[np.arange(len(scores)), ids[1 : len(scores) + 1]]
-        scored = np.ones(len(scores), bool) if masks is None else np.asarray(masks[i][1 : len(scores) + 1], bool)
-        nll += float(token_nll[scored].sum())
-        count += int(scored.sum())
+        nll += float((logz - scores[np.arange(len(where)), np.asarray(ids)[np.asarray(where, int) + 1]]).sum())
+        count += len(where)
         if choices is not None:
-            choices.append(scores.argmax(axis=1)[scored])
+            choices.append(scores.argmax(axis=1))
     return float(np.exp(nll / max(count, 1)))
 
 

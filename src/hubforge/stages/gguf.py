@@ -470,11 +470,10 @@ def measure(path: Path, qtype: str, prompts, held_out: tuple, reference: dict, s
     """One row of the quality table: the file loads in llama.cpp, generates, and how close it stays to the HF model."""
     import numpy as np
 
-    with closing(llamacpp.load(path, n_ctx=PPL_TOKENS, logits_all=True)) as llm:
+    with closing(llamacpp.load(path, n_ctx=max(PPL_TOKENS, 512))) as llm:  # one load for every measurement
         choices: list = []
         ppl = llamacpp.perplexity(llm, *held_out, choices=choices)
         forced = [llamacpp.logits(llm, ids + ref) for ids, ref in zip(prompts, reference["greedy"])]
-    with closing(llamacpp.load(path, n_ctx=512)) as llm:
         stats = llamacpp.model_stats(llm)
         greedy = [llamacpp.greedy(llm, ids, MAX_NEW_TOKENS, stop)[0] for ids in prompts]
         rate = llamacpp.greedy(llm, prompts[0], 32, set())[1]
@@ -535,7 +534,7 @@ def lora_gguf(recipe, run_dir, adapter_dir: Path, merged_full: Path, prompts, st
 def run_prompts(path: Path, prompts, stop: set[int], lora: Path | None = None, follow: list | None = None) -> dict:
     """llama.cpp's greedy continuation of each prompt, and its logits over the prompt followed by `follow[i]`
     (default: its own continuation)."""
-    with closing(llamacpp.load(path, n_ctx=512, logits_all=True, lora=lora)) as llm:
+    with closing(llamacpp.load(path, n_ctx=512, lora=lora)) as llm:
         greedy = [llamacpp.greedy(llm, ids, MAX_NEW_TOKENS, stop)[0] for ids in prompts]
         return {"greedy": greedy, "logits": [llamacpp.logits(llm, ids + cont) for ids, cont in zip(prompts, follow or greedy)]}
 
