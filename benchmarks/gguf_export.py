@@ -17,6 +17,17 @@ imported and its thread pool started, PASSIVE, all cores; best of --runs, and as
 run) measured in the same run.
 
     .venv/bin/python benchmarks/gguf_export.py --speed-only F16.gguf Q4_K_M.gguf   # only the second table
+    .venv/bin/python benchmarks/gguf_export.py --speed-only F16.gguf Q4_K_M.gguf --other-build /tmp/v512/bin/python
+
+Two more rows: llama_decode called directly, one token at a time (is the binding's generate() the cost?), and with
+--other-build a Python whose llama_cpp has other build flags (are the portable AVX2 flags the cost?).
+What it found on the 2-core development VM (2026-11-30, idle): every setup lands at 22-27 tok/s for F16 and
+33-42 for Q4_K_M, run-to-run noise ±15 %; raw llama_decode is no faster than generate(); an AVX-512/VNNI build
+(CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON")
+is no faster; the PyPI Q4_K_M file an early note timed at ~88 tok/s decodes at 34-42 here. Decoding this model
+reads every weight once per token (the tied 262,144 x 640 head included), and the VM reads memory at ~8-13 GB/s
+(numpy sum/copy of 1 GiB): 543 MB x 25 tok/s = 13.6 GB/s is that limit. The early figures came from a host with
+more memory bandwidth; the only in-process cost left is torch's (its OpenMP pool; ~10 % in the "stage" rows).
 
 `--quality` measures instead what a user downloads, one table in one run: every standard type without and with an
 importance matrix (hubforge.gguf_imatrix, tied output head included), and the KL-budgeted AUTO mixture
@@ -106,8 +117,22 @@ def rate(n):
             first = time.perf_counter()
         if out >= n:
             return (n - 1) / (time.perf_counter() - first)
-rate(4)
-print(json.dumps(max(rate({tokens}) for _ in range({runs}))))
+def raw(n):  # llama_decode alone, one token at a time: no sampler, no Python generator
+    batch = llama_cpp.llama_batch_init(1, 0, 1)
+    for pos, tok in enumerate(ids):
+        batch.n_tokens, batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = 1, tok, pos, 1, True
+        batch.seq_id[0][0] = 0
+        llama_cpp.llama_decode(llm.ctx, batch)
+    started = time.perf_counter()
+    for pos in range(len(ids), len(ids) + n - 1):
+        batch.token[0], batch.pos[0] = ids[-1], pos
+        llama_cpp.llama_decode(llm.ctx, batch)
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, 0, -1)
+    return (n - 1) / (time.perf_counter() - started)
+timed = raw if {raw} else rate
+timed(4)
+print(json.dumps(max(timed({tokens}) for _ in range({runs}))))
 """
 SETTINGS = [  # (label, torch imported, OMP_WAIT_POLICY or None for unset, threads or None for all cores, runs)
     # the stage's own method: after a warm-up, ONE run of 32 tokens (llamacpp.greedy in stages/gguf.py), no best-of
@@ -122,29 +147,38 @@ SETTINGS = [  # (label, torch imported, OMP_WAIT_POLICY or None for unset, threa
 ALONE = SETTINGS[3]
 
 
-def probe(path: Path, with_torch: bool, policy: str | None, threads: int | None, tokens: int, runs: int) -> float:
+def probe(path: Path, with_torch: bool, policy: str | None, threads: int | None, tokens: int, runs: int,
+          raw: bool = False, python: str = sys.executable) -> float:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": policy} if policy else {})
     code = PROBE.format(torch=with_torch, path=str(path), threads=threads or os.cpu_count(), prompt=PROMPT,
-                        tokens=tokens, runs=runs)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+                        tokens=tokens, runs=runs, raw=raw)
+    proc = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"speed probe on {path.name} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def speed_table(files: dict[str, Path], tokens: int, runs: int) -> list[dict]:
-    """tokens/s of each file under each of SETTINGS, printed as one table and returned as rows."""
+def speed_table(files: dict[str, Path], tokens: int, runs: int, other_build: str | None = None) -> list[dict]:
+    """tokens/s of each file under each of SETTINGS, then llama_decode alone (is the binding's generate() the
+    cost?) and, with `other_build` (a Python whose llama_cpp was built with other flags), the ALONE setup with
+    that build (are the build flags the cost?); printed as one table and returned as rows."""
     import llama_cpp
 
     print(f"\nllama.cpp tokens/s by process setup ({tokens} new tokens, best of {runs}, n_ctx=512; "
           f"llama.cpp system info: {llama_cpp.llama_print_system_info().decode().strip()})")
-    print(f"{'setup':42} " + " ".join(f"{name:>8}" for name in files))
+    print(f"{'setup':48} " + " ".join(f"{name:>8}" for name in files))
+    extra = [("no torch, PASSIVE, 2 threads, llama_decode alone", False, "PASSIVE", 2, None, True, sys.executable)]
+    if other_build:
+        info = subprocess.run([other_build, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        print(f"other build ({other_build}): {info}")
+        extra.append(("no torch, PASSIVE, 2 threads, other build", False, "PASSIVE", 2, None, False, other_build))
     rows = []
-    for label, with_torch, policy, threads, once in SETTINGS:
+    for label, with_torch, policy, threads, once, *how in [(*s, False, sys.executable) for s in SETTINGS] + extra:
         n, r = (32, once) if once else (tokens, runs)
-        row = {"setup": label, **{name: probe(path, with_torch, policy, threads, n, r) for name, path in files.items()}}
+        row = {"setup": label, **{name: probe(path, with_torch, policy, threads, n, r, *how) for name, path in files.items()}}
         rows.append(row)
-        print(f"{label:42} " + " ".join(f"{row[name]:8.1f}" for name in files))
+        print(f"{label:48} " + " ".join(f"{row[name]:8.1f}" for name in files))
     return rows
 
 
@@ -245,6 +279,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/gguf_export.json, "
                         "or gguf_quality.json with --quality)")
     parser.add_argument("--speed-only", nargs="+", type=Path, metavar="GGUF", help="only the process-setup table")
+    parser.add_argument("--other-build", metavar="PYTHON", help="a Python whose llama_cpp has other build flags "
+                        "(e.g. AVX-512): one more row of the process-setup table")
     quality_args = parser.add_argument_group("--quality", "size, KL, perplexity and tokens/s of plain, imatrix and AUTO")
     quality_args.add_argument("--quality", action="store_true")
     quality_args.add_argument("--model", type=Path, help="HF checkpoint folder (default: the embedded Gemma 3 270M)")
@@ -260,7 +296,9 @@ def main() -> None:
         quality(args)
         return
     if args.speed_only:
-        speed_table({p.stem.rsplit("-", 1)[-1]: p for p in args.speed_only}, args.tokens, args.runs)
+        short = [p.stem.rsplit("-", 1)[-1] for p in args.speed_only]  # the type, or the whole stem if two share one
+        speed_table({(n if short.count(n) == 1 else p.stem): p for n, p in zip(short, args.speed_only)}, args.tokens,
+                    args.runs, args.other_build)
         return
 
     from transformers import AutoTokenizer
@@ -287,7 +325,8 @@ def main() -> None:
             with closing(llamacpp.load(files[row["type"]], n_ctx=len(ids) + args.tokens + 8)) as llm:
                 llamacpp.greedy(llm, ids, 4, set())  # warm-up
                 row["tokens_per_s"] = max(llamacpp.greedy(llm, ids, args.tokens, set())[1] for _ in range(args.runs))
-        speeds = speed_table({t: files[t] for t in ("F16", "Q4_K_M") if t in files}, args.tokens, args.runs)
+        speeds = speed_table({t: files[t] for t in ("F16", "Q4_K_M") if t in files}, args.tokens, args.runs,
+                             args.other_build)
         hf = hf_tokens_per_s(model_dir, ids, args.tokens, args.runs)
 
     print(f"model: {'tiny random Gemma 3' if args.tiny else 'embedded Gemma 3 270M'} ({source_mb:.0f} MB safetensors), "

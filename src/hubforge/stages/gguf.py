@@ -157,8 +157,13 @@ def export(recipe, run_dir) -> dict:
         say(f"importance matrix: {calib_info['tokens']} tokens of {calib_info['source']} ({done['seconds']:.0f} s)")
 
     # ---- quantize (with the matrix), and the same type without it for comparison
+    from tqdm.auto import tqdm
+
+    # one bar over the files: each quant made, then every file measured (AUTO adds one of each when it is kept)
+    bar = tqdm(total=2 * len(cfg.quants) + 1, desc="[gguf] files", unit="step", disable=None)
     files, plain, fallbacks = [(cfg.outtype, full)], {}, {}
     for qtype in cfg.quants:
+        bar.set_postfix_str(f"quantize {qtype}")
         files.append((qtype, out / products.gguf_name(recipe, qtype)))
         report: dict = {}
         seconds[qtype] = llamatools.quantize(full, files[-1][1], qtype, log=log, imatrix=imatrix, report=report)
@@ -167,6 +172,7 @@ def export(recipe, run_dir) -> dict:
             llamatools.quantize(full, work / "plain.gguf", qtype, log=log)
             plain[qtype] = kl_columns(llamatools.kld(work / "plain.gguf", kl_base, log=log, ctx=kl_ctx))
             plain[qtype]["size"] = (work / "plain.gguf").stat().st_size
+        bar.update()
 
     if note := fallback_note(fallbacks):
         say(note)
@@ -178,6 +184,7 @@ def export(recipe, run_dir) -> dict:
         seconds["auto"] = auto.pop("seconds")
         if auto["meets"]:
             files.append((products.AUTO_GGUF_TYPE, out / products.gguf_name(recipe, products.AUTO_GGUF_TYPE)))
+            bar.total += 1
     started = time.monotonic()
     llama_kl = {qtype: kl_columns(llamatools.kld(path, kl_base, log=log, ctx=kl_ctx)) if kl_ctx else None
                 for qtype, path in files}
@@ -189,7 +196,12 @@ def export(recipe, run_dir) -> dict:
     stop = set(stop_ids(model_dir))
     started = time.monotonic()
     reference = hf_reference(model_dir, prompts, ppl_ids, ppl_masks, stop)
-    rows = [measure(path, qtype, prompts, (ppl_ids, ppl_masks), reference, stop, run_dir) for qtype, path in files]
+    rows = []
+    for qtype, path in files:
+        bar.set_postfix_str(f"measure {qtype}")
+        rows.append(measure(path, qtype, prompts, (ppl_ids, ppl_masks), reference, stop, run_dir))
+        bar.update()
+    bar.close()
     seconds["measure_vs_hf"] = time.monotonic() - started
     for row in rows:
         row["delta_ppl_vs_f16"] = round(row["perplexity"] - rows[0]["perplexity"], 6)
