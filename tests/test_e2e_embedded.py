@@ -35,7 +35,8 @@ def demo_run(tmp_path_factory):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     yield work, proc.stdout
-    shutil.rmtree(work, ignore_errors=True)  # ~3 GB of checkpoints, merged model and GGUF files
+    if not os.environ.get("HUBFORGE_KEEP_TEST_RUNS"):  # set it to look at the run afterwards
+        shutil.rmtree(work, ignore_errors=True)  # ~3 GB of checkpoints, merged model and GGUF files
 
 
 def test_every_stage_finished_and_the_manifest_says_so(demo_run):

@@ -91,3 +91,23 @@ def test_nothing_to_score_is_a_stage_error_for_both(model, rows):
         scoring.perplexity(model, seqs, nothing)
     with pytest.raises(StageError, match="no tokens to score"):
         scoring.heldout_loss(model, list(zip(seqs, nothing)), 0, 4, no_progress, "t")
+
+
+def test_choices_are_the_full_logits_argmax_at_the_scored_positions_row_by_row(model, rows):
+    """gguf's held-out agreement compares these with llama.cpp's choices: they must be per row, in the rows' order
+    (nll sorts rows by length internally), and exactly the argmax of the model's own full logits."""
+    import numpy as np
+    import torch
+
+    seqs, masks = rows
+    for batch_size in (1, 4):
+        choices: list = []
+        scoring.nll(model, list(zip(seqs, masks)), batch_size=batch_size, choices=choices)
+        assert len(choices) == len(seqs)
+        with torch.no_grad():
+            for ids, mask, got in zip(seqs, masks, choices):
+                want = model(torch.tensor([ids])).logits[0, :-1].argmax(-1).numpy()[np.asarray(mask[1:], bool)]
+                assert np.array_equal(np.asarray(got), want)
+    via_ppl: list = []
+    scoring.perplexity(model, seqs, masks, via_ppl)
+    assert all(np.array_equal(a, b) for a, b in zip(via_ppl, choices))

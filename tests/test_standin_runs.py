@@ -41,7 +41,8 @@ def standin_run(request, tmp_path_factory):
                            "--run-dir", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     yield request.param, recipe, run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)  # a full fine-tune's run holds ~4 GB; CI's disk holds the session
+    if not os.environ.get("HUBFORGE_KEEP_TEST_RUNS"):  # set it to look at the run afterwards
+        shutil.rmtree(run_dir, ignore_errors=True)  # a full fine-tune's run holds ~4 GB; CI's disk holds the session
 
 
 def test_every_stage_ran_and_the_run_is_marked_a_standin(standin_run):

@@ -125,18 +125,23 @@ def logits(model, sequences: list[list[int]]) -> list:
         return [model(torch.tensor([ids])).logits[0].float() for ids in sequences]
 
 
-def nll(model, encoded: list, pad_id: int = 0, batch_size: int = 1, progress=None) -> tuple[float, int]:
+def nll(model, encoded: list, pad_id: int = 0, batch_size: int = 1, progress=None,
+        choices: list | None = None) -> tuple[float, int]:
     """(summed next-token NLL, number of scored tokens) over (token ids, 0/1 mask) rows: the one loss computation
     every perplexity here comes from. Rows of similar length are batched with right padding (positions as in
     training); the LM head runs on the scored positions only, in chunks, so a 262k vocabulary never materialises
-    (batch, seq, vocab) logits. `progress` wraps the batch loop (a tqdm)."""
+    (batch, seq, vocab) logits. `progress` wraps the batch loop (a tqdm). `choices`, when given, receives per row
+    (in the order of `encoded`) the model's argmax token at each scored position, from the same forward pass."""
     import torch
     import torch.nn.functional as F
 
     total, count = 0.0, 0
     head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     device = next(model.parameters()).device
-    encoded = sorted(encoded, key=lambda e: len(e[0]))  # similar lengths together: less padding; the sum is order-free
+    # similar lengths together: less padding (the sum is order-free; choices go back to their rows' places)
+    order = sorted(range(len(encoded)), key=lambda k: len(encoded[k][0]))
+    picked: dict[int, list] = {}
+    encoded = [encoded[k] for k in order]
     for i in (progress or iter)(range(0, len(encoded), batch_size)):
         batch = encoded[i:i + batch_size]
         width = max(len(ids) for ids, _ in batch)
@@ -147,22 +152,32 @@ def nll(model, encoded: list, pad_id: int = 0, batch_size: int = 1, progress=Non
             out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1)
             hidden = out.hidden_states[-1][:, -width:][:, :-1][scored]  # [-width:]: drop prompt-tuning virtual tokens
             targets = ids[:, 1:][scored]
+            argmax = []
             for j in range(0, len(targets), 512):
                 chunk = head(hidden[j:j + 512]).float()
                 chunk = torch.tanh(chunk / cap) * cap if cap else chunk
                 total += F.cross_entropy(chunk, targets[j:j + 512], reduction="sum").item()
+                argmax.append(chunk.argmax(-1))
+        if choices is not None:  # the flattened scored positions, row by row
+            flat = torch.cat(argmax).cpu().numpy() if argmax else []
+            for r, n in enumerate(scored.sum(dim=1).tolist()):
+                picked[order[i + r]], flat = flat[:n], flat[n:]
         count += int(scored.sum())
+    if choices is not None:
+        choices.extend(picked[k] for k in range(len(encoded)))
     if count == 0:
         raise StageError("no tokens to score in the eval rows (every assistant turn is empty or truncated away); "
                          "check train.max_length and train.assistant_only_loss")
     return total, count
 
 
-def perplexity(model, sequences: list[list[int]], masks: list[list[int]] | None = None) -> float:
+def perplexity(model, sequences: list[list[int]], masks: list[list[int]] | None = None,
+               choices: list | None = None) -> float:
     """exp(mean next-token NLL), rounded to 6 decimals; with `masks`, only over the tokens marked 1 (e.g. assistant
-    turns, as in training). One row at a time (no padding): merge and gguf score a few short rows."""
+    turns, as in training). One row at a time (no padding): merge and gguf score a few short rows. `choices`: as
+    in nll()."""
     masks = masks if masks is not None else [[1] * len(ids) for ids in sequences]
-    total, count = nll(model, list(zip(sequences, masks)))
+    total, count = nll(model, list(zip(sequences, masks)), choices=choices)
     return round(math.exp(total / count), 6)
 
 

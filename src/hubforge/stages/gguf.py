@@ -459,7 +459,6 @@ def hf_reference(model_dir: Path, prompts: list[list[int]], ppl_ids: list[list[i
                  stop: set[int]) -> dict:
     """Greedy tokens and held-out perplexity of the merged checkpoint in float32 (what the GGUFs are held to), and
     its log-probabilities over each prompt followed by its own greedy continuation (for the teacher-forced check)."""
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -471,10 +470,8 @@ def hf_reference(model_dir: Path, prompts: list[list[int]], ppl_ids: list[list[i
                                  max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
             greedy.append(out[: next((i + 1 for i, t in enumerate(out) if t in stop), len(out))])
             logprobs.append(model(torch.tensor([ids + greedy[-1]])).logits[0].double().log_softmax(-1))
-        # the merged model's next-token choice at every scored held-out position (the GGUFs' held-out agreement)
-        choices = [model(torch.tensor([ids])).logits[0, :-1].argmax(-1).numpy()[np.asarray(mask[1:], bool)]
-                   for ids, mask in zip(ppl_ids, ppl_masks)]
-    return {"greedy": greedy, "logprobs": logprobs, "perplexity": perplexity(model, ppl_ids, ppl_masks),
+    choices: list = []  # the merged model's next-token choice at every scored held-out position (held-out agreement)
+    return {"greedy": greedy, "logprobs": logprobs, "perplexity": perplexity(model, ppl_ids, ppl_masks, choices),
             "choices": choices}
 
 
