@@ -197,7 +197,8 @@ def test_cli_serve_prints_endpoint_but_not_the_token_to_a_pipe(tmp_path):
     port.close()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "hubforge.hub", "--data-dir", str(tmp_path / "d"), "--port",
-                             str(free)], stdout=subprocess.PIPE, text=True, env=env)
+                             str(free)], stdout=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_hub_jobs._cli
     try:
         lines = [proc.stdout.readline() for _ in range(4)]
         assert f"HF_ENDPOINT=http://127.0.0.1:{free}\n" in lines

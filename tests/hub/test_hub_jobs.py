@@ -61,7 +61,10 @@ def _cli(project: Path, token: str, *args: str, setup: str = "auto", popen: bool
     env = {**os.environ, "HF_TOKEN": token, "PYTHONPATH": str(REPO / "src"), "HUBFORGE_JOB_SETUP": setup}
     cmd = [sys.executable, "-m", "hubforge.cli", "run", RECIPE, "--remote", "hf-jobs", "--flavor", "cpu-basic", *args]
     if popen:
-        return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Ctrl-C must reach the CLI as it does from a terminal: a test session started in the background by a
+        # non-interactive shell (`nohup make test &`) has SIGINT ignored, and children inherit that, Python included.
+        return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=180)
 
 
