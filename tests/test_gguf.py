@@ -82,9 +82,7 @@ def test_every_type_is_written_hashed_loads_and_generates(exported):
 
 
 def test_quality_table_is_written(exported):
-    from hubforge.stages import gguf
-
-    _, run_dir, result = exported
+    recipe, run_dir, result = exported
     quality = json.loads((run_dir.path / "gguf" / "quality.json").read_text("utf-8"))
     assert quality["files"] == result["files"]
     assert quality["held_out"]["source"] == "data/eval.jsonl" and quality["held_out"]["tokens"] > 50
@@ -93,7 +91,10 @@ def test_quality_table_is_written(exported):
     for row in quality["files"]:
         assert {"size", "bits_per_weight", "perplexity", "delta_ppl_vs_f16", "tokens_per_s", "greedy_agreement",
                 "kl_vs_hf", "top1_agreement_vs_hf"} <= set(row)
-        assert row["recommended"] is (row is quality["files"][0] or row["top1_agreement_vs_hf"] >= gguf.MIN_TOP1_RECOMMENDED)
+        bar, full = recipe.export.gguf.auto, quality["files"][0]
+        meets = (row["heldout_top1_vs_hf"] >= bar.min_top1 and row["perplexity"] <= full["perplexity"] * (1 + bar.max_ppl_increase))
+        assert row["recommended"] is (row is full or meets)
+        assert (row["not_recommended_because"] is None) is row["recommended"]
     # The F16 file holds the merged weights: llama.cpp's perplexity over the scored tokens is the HF model's.
     assert abs(quality["files"][0]["perplexity"] / quality["reference"]["perplexity"] - 1) < 0.01
 

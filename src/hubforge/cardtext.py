@@ -239,6 +239,14 @@ def llama_rows(files: list[dict]) -> list[dict]:
             for f in files[1:] if f.get("llama_cpp")]
 
 
+def quality_bar(bar: dict | None) -> str | None:
+    """The bar the gguf stage held every file to for "recommended" (its result's quality_bar), in words."""
+    if not bar:
+        return None
+    return (f"held-out next-token agreement with the merged model ≥ {bar['min_top1']:.0%} and perplexity within "
+            f"{bar['max_ppl_increase']:.0%} of the full-precision file's")
+
+
 def auto_note(recipe, gguf: dict) -> dict | None:
     """What the card says about export.gguf.auto (from the stage's result): the budget, the verdict, the types and
     the command that rebuilds the file."""
@@ -357,8 +365,9 @@ def card_context(kind: str, recipe, manifest: dict, results: dict, data: ModelCa
         "samples": sample_rows(kind, results), "quants": quant_rows(files),
         "quant_ppl_note": {"assistant": " (on the assistant-turn tokens, as in training and the merged card)",
                            "all": " (on every token)"}.get((res["gguf"].get("held_out") or {}).get("tokens_scored"), ""),
-        "not_recommended": ", ".join(f"`{Path(f['file']).name}`" for f in files if f.get("recommended") is False),
-        "not_recommended_count": sum(f.get("recommended") is False for f in files),
+        "not_recommended_why": [(Path(f["file"]).name, f.get("not_recommended_because")) for f in files
+                                if f.get("recommended") is False],
+        "quality_bar": quality_bar(res["gguf"].get("quality_bar")),
         "default_gguf": default_gguf, "default_quant": default_gguf.removeprefix(f"{recipe.name}-").removesuffix(".gguf"),
         "lora_gguf": Path(lora["file"]).name if isinstance(lora, dict) and lora.get("file") else None,
         "llama_rows": llama_rows(files), "llama_plain": any(f.get("without_imatrix") for f in files),

@@ -52,10 +52,6 @@ PROBE_TEXTS = (
 )
 PROMPTS = ("سلام! حالت چطور است؟", "Write one sentence about the sea.", "Merhaba, nasılsın?")
 MAX_NEW_TOKENS, SHOW_TOKENS, GGUF_PPL_ROWS = 16, 8, 25
-# Below this share of teacher-forced positions with the merged model's next-token argmax, a quant is marked "not
-# recommended" in quality.json and the card. Measured on the embedded recipe (56 steps): Q8_0 0.95, Q6_K 0.86,
-# Q5_K_M 0.67, Q4_K_M 0.45, Q4_0 0.21 (Gemma 3 270M is unusually sensitive to weight quantization).
-MIN_TOP1_RECOMMENDED = 0.5
 # Mean KL(HF || llama.cpp) on the prompt tokens that the full-precision file may show. Measured: 1e-5 for Gemma 3
 # 270M f16 vs HF float32 on the same weights, 1.3e-4 when HF holds them in bf16; 6e-3 for a model llama.cpp
 # mis-converts (tiny Gemma 3 with query_pre_attn_scalar != head_dim), whose greedy text can still agree.
@@ -205,7 +201,9 @@ def export(recipe, run_dir) -> dict:
     seconds["measure_vs_hf"] = time.monotonic() - started
     for row in rows:
         row["delta_ppl_vs_f16"] = round(row["perplexity"] - rows[0]["perplexity"], 6)
-        row["recommended"] = row is rows[0] or row["top1_agreement_vs_hf"] >= MIN_TOP1_RECOMMENDED
+        misses = [] if row is rows[0] else quality_misses(row, rows[0], recipe.export.gguf.auto)
+        row["recommended"] = not misses  # the recipe's quality bar, the one AUTO is held to
+        row["not_recommended_because"] = "; ".join(misses) or None
         row["imatrix"] = imatrix is not None and row is not rows[0] and row["type"] not in products.IGNORE_IMATRIX
         row["llama_cpp"] = llama_kl[row["type"]]
         row["without_imatrix"] = plain.get(row["type"])
@@ -250,7 +248,9 @@ def export(recipe, run_dir) -> dict:
                                                  "the HF top-2 log-probability margin there (tie: <= tie_margin)",
                            "margin_noise_max": "largest |HF - GGUF| difference of the step margins along the HF "
                                                "continuation (rounding noise for a faithful file)",
-                           "recommended": f"top1_agreement_vs_hf >= {MIN_TOP1_RECOMMENDED} (always for the full-precision file)"},
+                           "recommended": f"heldout_top1_vs_hf >= {cfg.auto.min_top1} and perplexity <= "
+                                          f"{1 + cfg.auto.max_ppl_increase:g} x the full-precision file's (the recipe's "
+                                          "export.gguf.auto bar; always for the full-precision file)"},
                "tie_margin": TIE_MARGIN,
                "llama_cpp_kld": {"text": kl_text, "ctx": kl_ctx or None, "log": "gguf/llama.log",
                                  "columns": {"mean_kld": "mean KL(F16 || file) per position (llama-perplexity "
@@ -268,6 +268,7 @@ def export(recipe, run_dir) -> dict:
             "auto": auto and {k: auto.get(k) for k in ("meets", "size", "types", "quantize_args", "limits", "budget",
                                                        "reason", "hf_check")},
             "lora_gguf": lora, "ollama": runtime, "outtype": cfg.outtype,
+            "quality_bar": {"min_top1": cfg.auto.min_top1, "max_ppl_increase": cfg.auto.max_ppl_increase},
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "converter": f"llama.cpp from the llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION} sdist"}
 
@@ -382,6 +383,17 @@ def auto_mixture(recipe, full: Path, work: Path, held_out: tuple, imatrix: Path 
             "probes": probes, "groups": got["groups"], "seconds": round(time.monotonic() - start, 1)}
 
 
+def quality_misses(row: dict, full: dict, bar) -> list[str]:
+    """How a file falls short of the recipe's quality bar (export.gguf.auto's min_top1 and max_ppl_increase, set
+    or default): held-out next-token agreement with the merged model, and perplexity against the full-precision
+    file's. Empty when it meets both. AUTO must meet it to be published; any other file is marked not recommended."""
+    ppl_limit = full["perplexity"] * (1 + bar.max_ppl_increase)
+    misses = ([f"held-out next-token agreement {row['heldout_top1_vs_hf']:.1%} < {bar.min_top1:.0%}"]
+              if row["heldout_top1_vs_hf"] < bar.min_top1 else [])
+    return misses + ([f"perplexity {row['perplexity']:.4g} > {ppl_limit:.4g}"]
+                     if row["perplexity"] > ppl_limit else [])
+
+
 def hf_check_auto(recipe, rows: list[dict], auto: dict, out: Path) -> list[dict]:
     """The AUTO file is held to its budget once more on the HF side, against the merged model itself: held-out
     next-token agreement >= min_top1 and perplexity over the scored tokens within max_ppl_increase of the F16
@@ -390,9 +402,7 @@ def hf_check_auto(recipe, rows: list[dict], auto: dict, out: Path) -> list[dict]
     cfg = recipe.export.gguf.auto
     row = next(r for r in rows if r["type"] == products.AUTO_GGUF_TYPE)
     ppl_limit = rows[0]["perplexity"] * (1 + cfg.max_ppl_increase)
-    misses = ([f"held-out next-token agreement {row['heldout_top1_vs_hf']:.1%} < {cfg.min_top1:.0%}"]
-              if row["heldout_top1_vs_hf"] < cfg.min_top1 else [])
-    misses += [f"perplexity {row['perplexity']:.4g} > {ppl_limit:.4g}"] if row["perplexity"] > ppl_limit else []
+    misses = quality_misses(row, rows[0], cfg)
     auto["hf_check"] = {"heldout_top1_vs_hf": row["heldout_top1_vs_hf"], "perplexity": row["perplexity"],
                         "perplexity_limit": round(ppl_limit, 6), "meets": not misses}
     if misses:
