@@ -140,7 +140,7 @@ def nll(model, encoded: list, pad_id: int = 0, batch_size: int = 1, progress=Non
     device = next(model.parameters()).device
     # similar lengths together: less padding (the sum is order-free; choices go back to their rows' places)
     order = sorted(range(len(encoded)), key=lambda k: len(encoded[k][0]))
-    picked: dict[int, list] = {}
+    picked: list = [None] * len(encoded)
     encoded = [encoded[k] for k in order]
     for i in (progress or iter)(range(0, len(encoded), batch_size)):
         batch = encoded[i:i + batch_size]
@@ -164,7 +164,7 @@ def nll(model, encoded: list, pad_id: int = 0, batch_size: int = 1, progress=Non
                 picked[order[i + r]], flat = flat[:n], flat[n:]
         count += int(scored.sum())
     if choices is not None:
-        choices.extend(picked[k] for k in range(len(encoded)))
+        choices.extend(picked)
     if count == 0:
         raise StageError("no tokens to score in the eval rows (every assistant turn is empty or truncated away); "
                          "check train.max_length and train.assistant_only_loss")

@@ -387,11 +387,14 @@ def quality_misses(row: dict, full: dict, bar) -> list[str]:
     """How a file falls short of the recipe's quality bar (export.gguf.auto's min_top1 and max_ppl_increase, set
     or default): held-out next-token agreement with the merged model, and perplexity against the full-precision
     file's. Empty when it meets both. AUTO must meet it to be published; any other file is marked not recommended."""
-    ppl_limit = full["perplexity"] * (1 + bar.max_ppl_increase)
+    limit = ppl_limit(full, bar)
     misses = ([f"held-out next-token agreement {row['heldout_top1_vs_hf']:.1%} < {bar.min_top1:.0%}"]
               if row["heldout_top1_vs_hf"] < bar.min_top1 else [])
-    return misses + ([f"perplexity {row['perplexity']:.4g} > {ppl_limit:.4g}"]
-                     if row["perplexity"] > ppl_limit else [])
+    return misses + ([f"perplexity {row['perplexity']:.4g} > {limit:.4g}"] if row["perplexity"] > limit else [])
+
+
+def ppl_limit(full: dict, bar) -> float:
+    return full["perplexity"] * (1 + bar.max_ppl_increase)
 
 
 def hf_check_auto(recipe, rows: list[dict], auto: dict, out: Path) -> list[dict]:
@@ -401,10 +404,9 @@ def hf_check_auto(recipe, rows: list[dict], auto: dict, out: Path) -> list[dict]
     this one is on the conversations as training scored them. A file that misses is deleted, never published."""
     cfg = recipe.export.gguf.auto
     row = next(r for r in rows if r["type"] == products.AUTO_GGUF_TYPE)
-    ppl_limit = rows[0]["perplexity"] * (1 + cfg.max_ppl_increase)
     misses = quality_misses(row, rows[0], cfg)
     auto["hf_check"] = {"heldout_top1_vs_hf": row["heldout_top1_vs_hf"], "perplexity": row["perplexity"],
-                        "perplexity_limit": round(ppl_limit, 6), "meets": not misses}
+                        "perplexity_limit": round(ppl_limit(rows[0], cfg), 6), "meets": not misses}
     if misses:
         auto.update(meets=False, reason="llama.cpp's measurement met the budget but the check against the merged "
                                         "model did not: " + "; ".join(misses))

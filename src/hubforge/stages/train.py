@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -265,7 +266,7 @@ def estimated_steps(recipe, rows_train: int) -> int:
     """Optimizer steps of an epoch-bounded run, at most (packing only lowers it)."""
     t = recipe.train
     per_step = t.batch_size * t.grad_accum * recipe.compute.processes
-    return int(t.epochs * -(-rows_train // per_step))
+    return math.ceil(t.epochs * -(-rows_train // per_step))  # a fractional last epoch still runs its step
 
 
 def disk_needed(recipe, total_params: int, steps: int) -> int:
